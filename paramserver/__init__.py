@@ -1,0 +1,37 @@
+"""paramserver: a Hogwild-style shared-memory parameter server.
+
+One server process owns a model's parameters in shared memory; N worker
+processes read them in place, compute gradients (PyTorch or NumPy) and write
+updates back, lock-free or under a locking policy (po1, po2, po3, striped).
+"""
+
+from .api import train
+from .config import TrainConfig, TrainJob
+from .data import Dataset, load, load_digits, make_dataset
+from .layout import Layout
+from .optim import RULES, make_rule
+from .policy import POLICIES, make_policy
+from .server import ParameterServer, TrainResult, WorkerError
+from .store import ParamStore, Segment, SegmentError
+
+__all__ = [
+    "POLICIES",
+    "RULES",
+    "Dataset",
+    "Layout",
+    "ParamStore",
+    "ParameterServer",
+    "Segment",
+    "SegmentError",
+    "TrainConfig",
+    "TrainJob",
+    "TrainResult",
+    "WorkerError",
+    "load",
+    "load_digits",
+    "make_dataset",
+    "make_policy",
+    "make_rule",
+    "train",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""The command line: ``paramserver train | inspect | clean``.
+
+    paramserver train --workers 2 --policy po3          # digits, torch MLP
+    paramserver inspect                                 # live segments
+    paramserver inspect psrv_1234_0123abcd              # layout and counters of one
+    paramserver clean                                   # remove segments of dead runs
+
+Options of ``train`` are generated from :class:`paramserver.config.TrainJob`,
+one per field. A bad value is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from .config import TrainJob
+
+
+class UsageError(Exception):
+    """A user's mistake on the command line: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message)
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        kw: dict[str, Any] = {"dest": f.name, "default": f.default}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, **kw)
+            continue
+        if typing.get_origin(kind) in (
+            typing.Union,
+            getattr(__import__("types"), "UnionType", None),
+        ):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        default = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(flag, type=kind, help=help_text + default, metavar=f.name.upper(), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="paramserver", description="Hogwild-style shared-memory parameter server")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a model with N workers sharing its parameters")
+    _add_dataclass_options(train, TrainJob)
+    inspect = sub.add_parser("inspect", help="show the layout and live counters of a running server")
+    inspect.add_argument("name", nargs="?", help="segment name (omit to list live segments)")
+    sub.add_parser("clean", help="remove segments left behind by runs whose server is dead")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import data as data_mod
+    from .api import train
+    from .models import build_model
+
+    job = TrainJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainJob)})
+    if job.backend == "torch":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise UsageError("--backend torch needs PyTorch: pip install 'paramserver[torch]'") from None
+    dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
+    model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden)
+    print(
+        f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "
+        f"{job.workers} workers, {job.policy}, {job.optimizer} lr {job.lr}",
+        file=sys.stderr,
+    )
+    config = dataclasses.replace(job)  # a TrainJob is a TrainConfig
+    result = train(model, dataset, config)
+    print(result.summary())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .store import COUNTER_FIELDS, ParamStore, list_segments
+
+    if not args.name:
+        segs = list_segments()
+        if not segs:
+            print("no paramserver segments in /dev/shm")
+        for name, pid, alive in segs:
+            print(
+                f"{name}  creator pid {pid}  {'running' if alive else 'DEAD (paramserver clean removes it)'}"
+            )
+        return 0
+    store = ParamStore.attach(args.name, kind=None)
+    try:
+        meta = store.meta
+        print(f"segment {store.name}: {meta.get('kind')}, {store.size:,} bytes")
+        if meta.get("kind") != "params":
+            print(store.layout.describe())
+            return 0
+        layout = store.model_layout
+        print(f"model: {layout.num_params:,} parameters in {len(layout)} tensors, "
+              f"fingerprint {layout.fingerprint[:16]}, backend {meta.get('backend')}")  # fmt: skip
+        print(layout.describe())
+        cfg = meta.get("config", {})
+        print(f"\npolicy {cfg.get('policy')}, optimizer {cfg.get('optimizer')}, lr {cfg.get('lr')}, "
+              f"state slots {store.state.shape[0]}; global version {store.version()}")  # fmt: skip
+        fields = [f for f in COUNTER_FIELDS if f not in ("started", "finished")]
+        print("\nworker " + " ".join(f"{f:>14}" for f in fields))
+        now = time.time()
+        for rank, row in enumerate(store.counters.copy()):
+            values = dict(zip(COUNTER_FIELDS, row, strict=True))
+            cells = []
+            for f in fields:
+                v = values[f]
+                if f == "heartbeat":
+                    cells.append(f"{now - v:>13.1f}s" if v else f"{'-':>14}")
+                elif f == "status":
+                    cells.append(f"{_status_name(v):>14}")
+                elif f == "loss":
+                    cells.append(f"{v:>14.4f}")
+                else:
+                    cells.append(f"{int(v):>14}")
+            print(f"{rank:>6} " + " ".join(cells))
+        return 0
+    finally:
+        store.close()
+
+
+def _status_name(v: float) -> str:
+    from .store import STATUS
+
+    return next((k for k, s in STATUS.items() if s == v), f"?{v}")
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from .store import list_segments, sweep_stale
+
+    removed = sweep_stale()
+    for name in removed:
+        print(f"removed {name}")
+    live = [n for n, _, alive in list_segments() if alive]
+    print(f"removed {len(removed)} stale segment(s); {len(live)} of live runs left alone")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "clean": cmd_clean}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .server import WorkerError
+    from .store import SegmentError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError, TypeError, SegmentError) as e:
+        print(f"paramserver: error: {e}", file=sys.stderr)
+        return 2
+    except WorkerError as e:
+        print(f"paramserver: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Configuration: one typed dataclass per job; the CLI is generated from the fields.
+
+Each field carries its help text in ``metadata["help"]``; ``cli.py`` turns the
+fields into options one-to-one (``batch_size`` -> ``--batch-size``).
+Validation happens at construction, so a bad value fails before any process
+or segment exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .optim import RULES
+from .policy import POLICIES
+
+BACKENDS = ("torch", "numpy")
+PIN_CHOICES = ("auto", "on", "off")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """How to train: workers, policy, update rule, budget, placement, output."""
+
+    workers: int = _f(2, "worker processes")
+    policy: str = _f("po3", "locking policy", choices=POLICIES)
+    k: int = _f(1, "po2: backward passes allowed at once (gradient slots)")
+    stripes: int = _f(8, "striped: number of independently locked stripes")
+    optimizer: str = _f("sgd", "update rule", choices=RULES)
+    lr: float = _f(0.05, "learning rate")
+    momentum: float = _f(0.9, "sgd: momentum (0 for plain SGD)")
+    nesterov: bool = _f(False, "sgd: Nesterov momentum")
+    weight_decay: float = _f(0.0, "L2 weight decay (decoupled for adamw)")
+    beta1: float = _f(0.9, "adam/adamw: first-moment decay")
+    beta2: float = _f(0.999, "adam/adamw: second-moment decay")
+    eps: float = _f(1e-8, "adam/adamw/rmsprop: denominator epsilon")
+    alpha: float = _f(0.99, "rmsprop: square-average decay")
+    shared_state: bool = _f(True, "keep optimizer state in shared memory (A3C-style) rather than per worker")
+    batch_size: int = _f(32, "samples per step per worker")
+    epochs: int = _f(10, "passes over the training set (each worker passes over its shard)")
+    steps: int = _f(0, "total updates across workers; 0 = no limit (epochs decide)")
+    max_seconds: float = _f(0.0, "wall-time budget for training in seconds; 0 = none")
+    target_loss: float | None = _f(None, "stop when the workers' mean batch loss is at most this")
+    target_accuracy: float | None = _f(
+        None, "stop when test accuracy (checked every --eval-every seconds) reaches this"
+    )
+    eval_every: float = _f(1.0, "seconds between test evaluations for --target-accuracy")
+    pin: str = _f("auto", "pin each worker to a core (auto: when workers <= cores)", choices=PIN_CHOICES)
+    nice: int = _f(0, "niceness for workers (0 = unchanged; negative needs privileges)")
+    threads: int = _f(0, "threads per worker; 0 = usable cores // workers, at least 1")
+    seed: int = _f(0, "random seed; worker r uses seed + r")
+    out_dir: str = _f("runs", "directory for results; each run writes a new subdirectory")
+    progress: bool = _f(True, "show a live progress line on stderr")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.workers >= 1, f"workers must be at least 1, got {self.workers}")
+        need(
+            self.policy in POLICIES,
+            f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}",
+        )
+        need(
+            self.optimizer in RULES,
+            f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(RULES)}",
+        )
+        need(self.k >= 1, f"k (po2 gradient slots) must be at least 1, got {self.k}")
+        need(self.stripes >= 1, f"stripes must be at least 1, got {self.stripes}")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}")
+        need(
+            not self.nesterov or self.momentum > 0,
+            "nesterov needs momentum > 0 (e.g. --momentum 0.9)",
+        )
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        need(self.eps > 0, f"eps must be positive, got {self.eps}")
+        need(0 <= self.alpha < 1, f"alpha must be in [0, 1), got {self.alpha}")
+        need(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        need(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        need(self.steps >= 0, f"steps must be >= 0 (0 = no limit), got {self.steps}")
+        need(self.max_seconds >= 0, f"max_seconds must be >= 0 (0 = none), got {self.max_seconds}")
+        need(
+            self.target_accuracy is None or 0 < self.target_accuracy <= 1,
+            f"target_accuracy is a fraction in (0, 1], got {self.target_accuracy}",
+        )
+        need(self.eval_every > 0, f"eval_every must be positive, got {self.eval_every}")
+        need(
+            self.pin in PIN_CHOICES,
+            f"pin must be one of {', '.join(PIN_CHOICES)}, got {self.pin!r}",
+        )
+        need(-20 <= self.nice <= 19, f"nice must be in [-20, 19], got {self.nice}")
+        need(self.threads >= 0, f"threads must be >= 0 (0 = auto), got {self.threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainJob(TrainConfig):
+    """A training job from the command line: what to train on what, then how."""
+
+    backend: str = _f("torch", "framework computing the gradients", choices=BACKENDS)
+    model: str = _f("mlp", "model from paramserver.models (torch: mlp, cnn; numpy: mlp, softmax)")
+    hidden: int = _f(64, "hidden units per layer for mlp models")
+    data: str = _f("digits", "'digits' (scikit-learn's bundled 8x8 digits) or a .npz path with x, y")
+    test_fraction: float = _f(0.2, "held-out fraction for the test split (when the data has none)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be at least 1, got {self.hidden}")

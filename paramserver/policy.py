@@ -1,0 +1,132 @@
+"""Locking policies: what is locked while a worker computes its gradient and updates.
+
+=========  ========  ========================  ====================  ==================================
+policy     forward   gradient (backward)       update                buys
+=========  ========  ========================  ====================  ==================================
+po1        parallel  under the update lock     under the update lock consistent updates, least parallel
+po2        parallel  at most k at once         under the update lock bounded backward memory/CPU
+po3        parallel  parallel                  no lock (Hogwild!)    most throughput; updates may be lost
+striped    parallel  parallel                  per-stripe locks      consistent per element, updates of
+                                                                     different stripes run at once
+=========  ========  ========================  ====================  ==================================
+
+A policy is created by the server (its locks come from the server's
+multiprocessing context) and handed to each worker when the worker starts;
+locks cannot be sent later. The worker calls :meth:`Policy.step` once per
+training step with two callbacks: ``backward()`` computes the gradient and
+``apply(lo, hi)`` applies the update rule to ``params[lo:hi]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+POLICIES = ("po1", "po2", "po3", "striped")
+
+Apply = Callable[[int, int], None]
+
+
+class Policy(ABC):
+    name: str
+
+    def __init__(self, size: int):
+        self.size = size
+        """Length of the flat parameter vector."""
+
+    @abstractmethod
+    def step(self, backward: Callable[[], None], apply: Apply, rank: int = 0) -> None:
+        """Run ``backward()`` then ``apply`` over the whole vector, locked as the policy says."""
+
+
+class PO1(Policy):
+    """Gradient and update under one lock: one worker at a time past the forward pass."""
+
+    name = "po1"
+
+    def __init__(self, size: int, ctx: Any):
+        super().__init__(size)
+        self.lock = ctx.Lock()
+
+    def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
+        with self.lock:
+            backward()
+            apply(0, self.size)
+
+
+class PO2(Policy):
+    """At most ``k`` backward passes at once; updates under the update lock."""
+
+    name = "po2"
+
+    def __init__(self, size: int, ctx: Any, k: int = 1):
+        super().__init__(size)
+        if k < 1:
+            raise ValueError(f"po2 needs at least one gradient slot, got k={k}")
+        self.k = k
+        self.slots = ctx.BoundedSemaphore(k)
+        self.lock = ctx.Lock()
+
+    def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
+        with self.slots:
+            backward()
+        with self.lock:
+            apply(0, self.size)
+
+
+class PO3(Policy):
+    """Hogwild!: no lock at all.
+
+    Two workers updating the same element at once can lose one of the two
+    updates (NumPy's in-place ops are read-modify-write, not atomic), and a
+    reader can see a half-applied update. This is the contract: aligned
+    elements are never torn, and sparse or small updates rarely collide.
+    """
+
+    name = "po3"
+
+    def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
+        backward()
+        apply(0, self.size)
+
+
+class Striped(Policy):
+    """Per-stripe update locks: the vector is cut into ``stripes`` ranges, each locked
+    on its own. Worker ``rank`` starts at stripe ``rank`` so that workers begin on
+    different stripes and rarely wait for each other."""
+
+    name = "striped"
+
+    def __init__(self, size: int, ctx: Any, stripes: int = 8, align: int = 16):
+        super().__init__(size)
+        if stripes < 1:
+            raise ValueError(f"striped needs at least one stripe, got {stripes}")
+        # Stripe bounds on multiples of `align` elements (64 bytes of float32), so
+        # that two stripes never share a cache line.
+        step = -(-size // stripes)
+        step = -(-step // align) * align
+        self.bounds = [(lo, min(lo + step, size)) for lo in range(0, size, step)] or [(0, 0)]
+        self.locks = [ctx.Lock() for _ in self.bounds]
+
+    def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
+        backward()
+        n = len(self.bounds)
+        for i in range(n):
+            j = (i + rank) % n
+            lo, hi = self.bounds[j]
+            with self.locks[j]:
+                apply(lo, hi)
+
+
+def make_policy(name: str, size: int, ctx: Any, *, k: int = 1, stripes: int = 8) -> Policy:
+    """The policy called ``name`` (one of :data:`POLICIES`) for a vector of ``size``."""
+    if name == "po1":
+        return PO1(size, ctx)
+    if name == "po2":
+        return PO2(size, ctx, k)
+    if name == "po3":
+        return PO3(size)
+    if name == "striped":
+        return Striped(size, ctx, stripes)
+    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -1,0 +1,413 @@
+"""Shared-memory segments: one header, a JSON description, then named arrays.
+
+    +----------------------------------------------------------------+
+    | header (64 B): magic, format version, body offset and size,    |
+    |                fingerprint of the body layout, JSON length     |
+    | JSON: {"layout": <body layout>, "meta": {...}}  (never pickle) |
+    | body: the arrays of the layout, each 64-byte aligned           |
+    +----------------------------------------------------------------+
+
+A :class:`Segment` is a small handle in the manner of CPython's
+``SharedMemory``: it pickles to its *name* (a worker that unpickles it
+attaches and validates), ``close()`` is idempotent, and only the creator
+unlinks. :class:`ParamStore` is the parameter server's segment (parameters,
+optimizer state, per-worker counters, control words).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import secrets
+import struct
+import time
+from collections.abc import Mapping
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from .layout import ALIGN, Layout, align_up
+
+PREFIX = "psrv_"
+"""Every segment of this project is named ``psrv_<creator pid>_<random>``."""
+MAGIC = b"PSRVSEG\x00"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQQ32sI")  # magic, version, body offset, body size, fingerprint, json length
+assert _HEADER.size <= ALIGN
+SHM_DIR = "/dev/shm"
+
+# Names this process created. Its resource tracker holds them until unlink(), so an
+# attach from this same process must not unregister them (see Segment.attach).
+_created_here: set[str] = set()
+
+
+class SegmentError(ValueError):
+    """A segment that is not there, not ours, or not what the caller expects."""
+
+
+def _new_name() -> str:
+    # The random part makes names unguessable; the pid lets `clean` find dead creators.
+    return f"{PREFIX}{os.getpid()}_{secrets.token_hex(8)}"
+
+
+def _is_multiprocessing_child() -> bool:
+    # A spawned child unpickles its arguments (and so attaches) before
+    # parent_process() is set; `_inheriting` is true exactly then.
+    me = multiprocessing.current_process()
+    return multiprocessing.parent_process() is not None or bool(getattr(me, "_inheriting", False))
+
+
+def shm_free_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class Segment:
+    """A shared-memory segment holding the named arrays of a :class:`Layout`."""
+
+    # Class-level defaults so that close()/__del__ work after a failed constructor.
+    _shm: SharedMemory | None = None
+    _arrays: dict[str, np.ndarray] | None = None
+    _owner = False
+
+    def __init__(self, shm: SharedMemory, layout: Layout, meta: dict[str, Any], owner: bool):
+        self._shm = shm
+        self._layout = layout
+        self._meta = meta
+        self._owner = owner
+        self._name = shm.name
+        body = _HEADER.unpack_from(shm.buf, 0)[2]
+        self._arrays = layout.views(shm.buf, body)
+
+    # -- creation and attachment -------------------------------------------------
+
+    @classmethod
+    def create(cls, layout: Layout, meta: Mapping[str, Any] | None = None) -> Segment:
+        """Create a new segment for ``layout``, zero-filled, readable by this user only.
+
+        Raises OSError(ENOSPC) *before* anything is written when /dev/shm lacks
+        room: without the check the first write past the free space kills the
+        process with SIGBUS.
+        """
+        meta = dict(meta or {})
+        blob = json.dumps({"layout": layout.to_dict(), "meta": meta}, separators=(",", ":")).encode()
+        body = align_up(_HEADER.size + len(blob))
+        size = body + max(layout.nbytes, 1)
+        free = shm_free_bytes()
+        if size > free:
+            raise OSError(
+                errno.ENOSPC,
+                f"shared memory needs {_format_bytes(size)} but {SHM_DIR} has "
+                f"{_format_bytes(free)} free; free space there (paramserver clean removes "
+                "stale segments) or enlarge it (docker run --shm-size=...)",
+            )
+        shm = SharedMemory(name=_new_name(), create=True, size=size)  # mode 0o600
+        try:
+            # Reserve the pages now, so that a full /dev/shm is a clean error here.
+            os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
+            _HEADER.pack_into(
+                shm.buf, 0, MAGIC, FORMAT_VERSION, body, layout.nbytes,
+                layout.fingerprint.encode(), len(blob),
+            )  # fmt: skip
+            shm.buf[_HEADER.size : _HEADER.size + len(blob)] = blob
+            seg = cls(shm, layout, meta, owner=True)
+            _created_here.add(shm.name)
+            return seg
+        except BaseException:
+            shm.close()
+            shm.unlink()
+            raise
+
+    @classmethod
+    def attach(cls, name: str, *, kind: str | None = None) -> Segment:
+        """Attach to an existing segment by name and check that it is one of ours.
+
+        ``kind`` (e.g. ``"params"``) must match the creator's ``meta["kind"]``.
+        """
+        if not isinstance(name, str) or not name.startswith(PREFIX):
+            raise SegmentError(
+                f"{name!r} is not a paramserver segment name (they start with {PREFIX!r}); "
+                "`paramserver inspect` without a name lists the live ones"
+            )
+        try:
+            shm = SharedMemory(name=name)
+        except FileNotFoundError:
+            raise SegmentError(
+                f"no shared-memory segment named {name!r}: the run has ended or the name "
+                "is wrong; `paramserver inspect` lists the live ones"
+            ) from None
+        if not _is_multiprocessing_child() and name not in _created_here:
+            # This process has a resource tracker of its own, which would unlink the
+            # segment when we exit (CPython gh-82300). A multiprocessing child shares
+            # its parent's tracker instead, where the creator's unlink() unregisters.
+            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        try:
+            layout, meta = cls._read_header(shm)
+            if kind is not None and meta.get("kind") != kind:
+                raise SegmentError(f"segment {name!r} holds {meta.get('kind')!r}, expected {kind!r}")
+            return cls(shm, layout, meta, owner=False)
+        except BaseException:
+            shm.close()
+            raise
+
+    @staticmethod
+    def _read_header(shm: SharedMemory) -> tuple[Layout, dict[str, Any]]:
+        if shm.size < _HEADER.size:
+            raise SegmentError(f"segment {shm.name!r} is too small to be a paramserver segment")
+        magic, version, body, body_nbytes, fingerprint, jlen = _HEADER.unpack_from(shm.buf, 0)
+        if magic != MAGIC:
+            raise SegmentError(f"segment {shm.name!r} is not a paramserver segment (bad magic)")
+        if version != FORMAT_VERSION:
+            raise SegmentError(
+                f"segment {shm.name!r} has format version {version}, this paramserver reads "
+                f"{FORMAT_VERSION}: use the same paramserver version for server and workers"
+            )
+        if body + body_nbytes > shm.size or _HEADER.size + jlen > body:
+            raise SegmentError(f"segment {shm.name!r} has an inconsistent header")
+        doc = json.loads(bytes(shm.buf[_HEADER.size : _HEADER.size + jlen]))
+        layout = Layout.from_dict(doc["layout"])
+        if layout.fingerprint.encode() != fingerprint or layout.nbytes != body_nbytes:
+            raise SegmentError(f"segment {shm.name!r}: layout does not match its fingerprint")
+        return layout, doc["meta"]
+
+    # -- the handle ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def size(self) -> int:
+        return self._shm.size if self._shm is not None else 0
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self._meta
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            raise ValueError(f"segment {self._name!r} is closed")
+        return self._arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def close(self) -> None:
+        """Drop this process's mapping. Idempotent.
+
+        Every view handed out (arrays, tensors, models built on them) must be
+        gone first, or the mapping cannot be released (BufferError).
+        """
+        self._arrays = None
+        if self._shm is not None:
+            try:
+                self._shm.close()
+            except BufferError:
+                raise BufferError(
+                    f"segment {self._name!r} still has views in use; delete the arrays, "
+                    "tensors and models built on it before close()"
+                ) from None
+            self._shm = None
+
+    def unlink(self) -> None:
+        """Remove the segment's name (creator only; once). Mappings stay valid until closed."""
+        if not self._owner:
+            raise PermissionError(f"only the creator of segment {self._name!r} may unlink it")
+        self._owner = False
+        _created_here.discard(self._name)
+        try:
+            SharedMemory.unlink(self._shm) if self._shm is not None else _unlink_name(self._name)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Unlink first: it needs no view to be gone, so nothing leaks even if close() fails.
+        if self._owner:
+            self.unlink()
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle to the name, never to the bytes: unpickling attaches.
+        return (type(self).attach, (self._name,))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self._name!r}, size={self.size}, owner={self._owner})"
+
+
+def _unlink_name(name: str) -> None:
+    shm = SharedMemory(name=name)
+    shm.close()
+    shm.unlink()  # also unregisters it from this process's resource tracker
+
+
+# -- the parameter server's segment ------------------------------------------------------
+
+COUNTER_FIELDS = (
+    "steps",  # updates this worker has applied
+    "samples",  # training samples it has consumed
+    "loss",  # loss of its last batch
+    "pulled_version",  # global update count when it last read the parameters
+    "heartbeat",  # time.time() of its last step
+    "status",  # one of STATUS
+    "epoch",  # passes over its shard completed
+    "nonfinite",  # gradients with NaN/Inf it refused to apply
+    "started",  # time.time() when its first step began
+    "finished",  # time.time() when it left its loop (0 while running)
+)
+COUNTER = {name: i for i, name in enumerate(COUNTER_FIELDS)}
+STATUS = {"starting": 0.0, "running": 1.0, "done": 2.0, "failed": 3.0}
+CONTROL_FIELDS = ("stop",)
+CONTROL = {name: i for i, name in enumerate(CONTROL_FIELDS)}
+
+
+class ParamStore(Segment):
+    """The server's segment: flat parameters, optimizer state, counters, control words.
+
+    Arrays: ``params`` (the flat parameter vector of the model layout),
+    ``state`` (``slots x params``, the optimizer state when it is shared),
+    ``counters`` (``workers x len(COUNTER_FIELDS)`` float64, each row written by
+    its worker only, so no lock is needed) and ``control`` (int64 words the
+    server writes: ``stop``).
+    """
+
+    @classmethod
+    def create_for(
+        cls,
+        model_layout: Layout,
+        *,
+        workers: int,
+        state_slots: int = 0,
+        meta: Mapping[str, Any] | None = None,
+    ) -> ParamStore:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        n = model_layout.flat_size
+        dtype = model_layout.dtype
+        layout = Layout.pack(
+            {
+                "params": ((n,), dtype),
+                "state": ((state_slots, n), dtype),
+                "counters": ((workers, len(COUNTER_FIELDS)), np.float64),
+                "control": ((len(CONTROL_FIELDS),), np.int64),
+            }
+        )
+        full_meta = {
+            "kind": "params",
+            "model_layout": model_layout.to_dict(),
+            "model_fingerprint": model_layout.fingerprint,
+            "counter_fields": list(COUNTER_FIELDS),
+            "created": time.time(),
+            **(meta or {}),
+        }
+        store = cls.create(layout, full_meta)
+        assert isinstance(store, ParamStore)
+        return store
+
+    @classmethod
+    def attach(cls, name: str, *, kind: str | None = "params") -> ParamStore:  # type: ignore[override]
+        store = super().attach(name, kind=kind)
+        assert isinstance(store, ParamStore)
+        return store
+
+    @property
+    def model_layout(self) -> Layout:
+        return Layout.from_dict(self.meta["model_layout"])
+
+    def check_model(self, layout: Layout) -> None:
+        """Raise unless ``layout`` (a worker's model) is the layout the server stored."""
+        if layout.fingerprint != self.meta["model_fingerprint"]:
+            theirs = self.model_layout
+            raise SegmentError(
+                f"the model does not match segment {self.name!r}: it has "
+                f"{len(layout)} tensors / {layout.num_params} parameters ({layout.fingerprint[:8]}), "
+                f"the server's has {len(theirs)} / {theirs.num_params} ({theirs.fingerprint[:8]}); "
+                "build the same model (same architecture and dtype) on both sides"
+            )
+
+    @property
+    def params(self) -> np.ndarray:
+        return self.arrays["params"]
+
+    @property
+    def state(self) -> np.ndarray:
+        return self.arrays["state"]
+
+    @property
+    def counters(self) -> np.ndarray:
+        return self.arrays["counters"]
+
+    @property
+    def control(self) -> np.ndarray:
+        return self.arrays["control"]
+
+    @property
+    def workers(self) -> int:
+        return int(self.counters.shape[0])
+
+    def version(self) -> int:
+        """Global update count: the sum of the workers' step counters (no lock)."""
+        return int(self.counters[:, COUNTER["steps"]].sum())
+
+    def request_stop(self) -> None:
+        self.control[CONTROL["stop"]] = 1
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self.control[CONTROL["stop"]])
+
+
+def list_segments() -> list[tuple[str, int | None, bool]]:
+    """This project's segments in /dev/shm: (name, creator pid, creator alive)."""
+    import psutil
+
+    out = []
+    try:
+        names = sorted(os.listdir(SHM_DIR))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        pid_text = name[len(PREFIX) :].split("_", 1)[0]
+        pid = int(pid_text) if pid_text.isdigit() else None
+        alive = pid is not None and psutil.pid_exists(pid)
+        out.append((name, pid, alive))
+    return out
+
+
+def sweep_stale() -> list[str]:
+    """Unlink this project's segments whose creator is dead; return their names.
+
+    A live creator's segments are never touched (a reused pid errs on the side
+    of keeping a segment).
+    """
+    removed = []
+    for name, _pid, alive in list_segments():
+        if alive:
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed

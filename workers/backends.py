@@ -1,0 +1,148 @@
+"""Backends: how a worker computes a loss and a flat gradient with a given framework.
+
+A backend is built on two flat vectors it does not own: ``params`` (a view of
+the shared segment) and ``grad`` (the worker's own gradient buffer). After
+``forward(x, y)`` returns the batch loss, ``backward()`` leaves the whole
+gradient in ``grad``; nothing is copied in between. Frameworks are imported
+here, inside the worker, only when asked for.
+"""
+
+from __future__ import annotations
+
+import pickle
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from paramserver.layout import Layout
+
+
+@dataclass
+class ModelSpec:
+    """What a worker needs to rebuild the model: sent once, when the worker starts.
+
+    ``payload`` is the pickled ``torch.nn.Module`` for torch (its parameter
+    values are not used: they are replaced by views of the segment) or the
+    ``NumpyModel`` itself. ``loss`` is a picklable ``loss(logits, labels)``
+    (torch; default cross-entropy).
+    """
+
+    backend: str
+    payload: Any
+    loss: Callable[..., Any] | None = None
+
+
+class Backend(ABC):
+    @abstractmethod
+    def forward(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Loss of the batch; keeps what ``backward`` needs."""
+
+    @abstractmethod
+    def backward(self) -> None:
+        """Write the gradient of the last ``forward`` into the flat gradient buffer."""
+
+    @abstractmethod
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits for ``x`` with the current parameters (no gradient)."""
+
+
+class TorchBackend(Backend):
+    """Zero copy: every ``param.data`` is a view of the segment, every ``param.grad``
+    a view of the flat gradient buffer, so ``backward()`` writes the flat gradient."""
+
+    def __init__(self, spec: ModelSpec, layout: Layout, params: np.ndarray, grad: np.ndarray | None):
+        import torch
+
+        model = pickle.loads(spec.payload) if isinstance(spec.payload, bytes) else spec.payload
+        mine = Layout.from_torch(model)
+        if mine.fingerprint != layout.fingerprint:
+            raise ValueError("the model's parameters do not match the server's layout")
+        self.torch = torch
+        self.model = model
+        self.grad = grad
+        self.loss_fn = spec.loss or torch.nn.functional.cross_entropy
+        views = layout.unflatten(params)
+        gviews = layout.unflatten(grad) if grad is not None else {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if not p.requires_grad:
+                    continue
+                # Never call model.share_memory() after this: it would copy these
+                # views into a new segment and silently end the sharing.
+                p.data = torch.from_numpy(views[name])
+                if grad is not None:
+                    p.grad = torch.from_numpy(gviews[name])
+        self._loss: Any = None
+
+    def forward(self, x: np.ndarray, y: np.ndarray) -> float:
+        torch = self.torch
+        self._loss = self.loss_fn(self.model(torch.from_numpy(x)), torch.from_numpy(y))
+        return float(self._loss.detach())
+
+    def backward(self) -> None:
+        assert self.grad is not None, "backend built without a gradient buffer"
+        # backward() accumulates into .grad in place (grad mode is off inside the
+        # engine), so the views stay views; they must start from zero.
+        self.grad.fill(0)
+        self._loss.backward()
+        self._loss = None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        was_training = self.model.training
+        self.model.eval()
+        with self.torch.no_grad():
+            out = self.model(self.torch.from_numpy(x)).numpy()
+        self.model.train(was_training)
+        return out
+
+
+class NumpyBackend(Backend):
+    """A ``NumpyModel`` reading views of the segment and writing views of the gradient."""
+
+    def __init__(self, spec: ModelSpec, layout: Layout, params: np.ndarray, grad: np.ndarray | None):
+        from paramserver.models.numpy_models import softmax_cross_entropy
+
+        self.model = spec.payload
+        self.xent = softmax_cross_entropy
+        self.params = layout.unflatten(params)
+        self.grads = layout.unflatten(grad) if grad is not None else {}
+        self._pending: Any = None
+
+    def forward(self, x: np.ndarray, y: np.ndarray) -> float:
+        logits, cache = self.model.forward(self.params, x)
+        loss, dlogits = self.xent(logits, y)
+        self._pending = (cache, dlogits)
+        return loss
+
+    def backward(self) -> None:
+        cache, dlogits = self._pending
+        self._pending = None
+        self.model.backward(self.params, cache, dlogits, self.grads)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.model.forward(self.params, x)[0]
+
+
+def make_backend(
+    spec: ModelSpec, layout: Layout, params: np.ndarray, grad: np.ndarray | None = None
+) -> Backend:
+    if spec.backend == "torch":
+        return TorchBackend(spec, layout, params, grad)
+    if spec.backend == "numpy":
+        return NumpyBackend(spec, layout, params, grad)
+    raise ValueError(f"unknown backend {spec.backend!r}; choose one of torch, numpy")
+
+
+def set_threads(backend: str, threads: int) -> None:
+    """Size the framework's thread pool (call before the first forward pass)."""
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or work already ran in this process
+            pass
