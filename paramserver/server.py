@@ -25,7 +25,7 @@ from .data import Dataset, share_training_data
 from .layout import Layout
 from .machine import machine_info, usable_cores
 from .optim import make_rule
-from .policy import make_policy
+from .policy import Policy, make_policy
 from .progress import Progress
 from .store import COUNTER, COUNTER_FIELDS, STATUS, ParamStore, Segment, sweep_stale
 
@@ -133,6 +133,7 @@ class ParameterServer:
         self.config = config
         self.callback = callback
         self.processes: list[mp.process.BaseProcess] = []
+        self.policy: Policy | None = None
         self.run_dir: str | None = None
         self._started = 0.0
         if len(data.x_train) < config.workers:
@@ -179,7 +180,9 @@ class ParameterServer:
         # spawn, not fork: TensorFlow hangs after fork, and an OpenMP pool in this
         # process can hang forked children. A context, not set_start_method().
         ctx = mp.get_context("spawn")
-        policy = make_policy(cfg.policy, self.layout.flat_size, ctx, k=cfg.k, stripes=cfg.stripes)
+        # Kept for the whole run: a lock's name is unlinked when the object that created
+        # it is collected, and a worker still starting would then fail to open it.
+        self.policy = make_policy(cfg.policy, self.layout.flat_size, ctx, k=cfg.k, stripes=cfg.stripes)
         cores = usable_cores()
         threads = cfg.threads or max(1, len(cores) // cfg.workers)
         pin = cfg.pin == "on" or (cfg.pin == "auto" and cfg.workers <= len(cores))
@@ -193,7 +196,7 @@ class ParameterServer:
             )  # fmt: skip
             p = ctx.Process(
                 target=worker_main,
-                args=(plan, self.store, self._data, policy, self.spec, cfg),
+                args=(plan, self.store, self._data, self.policy, self.spec, cfg),
                 name=f"paramserver-worker-{rank}",
                 daemon=True,  # never outlive the server
             )
@@ -216,9 +219,14 @@ class ParameterServer:
             with contextlib.suppress(ValueError):
                 p.close()
         self.processes = []
-        for seg in (self._store, self._data):
-            if seg is not None:
-                seg.__exit__(None, None, None)
+        segments = [seg for seg in (self._store, self._data) if seg is not None]
+        for seg in segments:  # unlink first: it cannot fail on views still in use
+            seg.unlink()
+        for seg in segments:
+            # After an error, a traceback can still hold views (an evaluator, a counter
+            # row); the mapping is then released when they are collected.
+            with contextlib.suppress(BufferError):
+                seg.close()
         self._store = self._data = None
 
     # -- monitoring ---------------------------------------------------------------

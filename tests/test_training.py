@@ -1,0 +1,244 @@
+"""Training with real worker processes: references, lost updates, zero copy, accuracy."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import torch
+
+import paramserver as ps
+from paramserver.data import epoch_orders
+from paramserver.models.numpy_models import NumpyMLP, NumpyModel
+from paramserver.models.torch_models import MLP
+from paramserver.workers.backends import ModelSpec, TorchBackend
+
+POLICIES = ps.POLICIES
+
+
+@pytest.fixture(scope="module")
+def digits() -> ps.Dataset:
+    return ps.load_digits()
+
+
+def small(data: ps.Dataset, n: int = 320) -> ps.Dataset:
+    return ps.Dataset(data.x_train[:n], data.y_train[:n], data.x_test, data.y_test, data.classes)
+
+
+def config(**kw) -> ps.TrainConfig:
+    base = dict(workers=1, epochs=2, batch_size=32, lr=0.05, momentum=0.9, out_dir="", progress=False)
+    return ps.TrainConfig(**{**base, **kw})
+
+
+# -- one worker equals plain single-process training on the same batches ----------------
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_one_numpy_worker_equals_plain_numpy_training_bitwise(digits, policy):
+    data = small(digits)
+    model = NumpyMLP(64, 10, hidden=16)
+    cfg = config(policy=policy, stripes=3)
+    result = ps.train(model, data, cfg)
+
+    # The same arithmetic by hand: SGD with momentum, batches in the worker's order.
+    params = model.init(np.random.default_rng(cfg.seed))
+    grads = {k: np.zeros_like(v) for k, v in params.items()}
+    bufs = {k: np.zeros_like(v) for k, v in params.items()}
+    orders = epoch_orders(0, len(data.x_train), cfg.batch_size, cfg.seed)
+    for _ in range(cfg.epochs):
+        for s in next(orders):
+            xb, yb = data.x_train[s : s + cfg.batch_size], data.y_train[s : s + cfg.batch_size]
+            model.loss_and_grad(params, xb, yb, grads)
+            for k in params:
+                bufs[k] *= cfg.momentum
+                bufs[k] += grads[k]
+                params[k] -= bufs[k] * np.float32(cfg.lr)
+    assert result.updates == cfg.epochs * len(next(orders))
+    for k in params:
+        np.testing.assert_array_equal(result.params[k], params[k], err_msg=k)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_one_torch_worker_equals_torch_optim_sgd(digits, policy):
+    data = small(digits)
+    torch.manual_seed(0)
+    model = MLP(64, 10, hidden=16)
+    reference = copy.deepcopy(model)
+    cfg = config(policy=policy, stripes=3)
+    result = ps.train(model, data, cfg)
+
+    opt = torch.optim.SGD(reference.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    orders = epoch_orders(0, len(data.x_train), cfg.batch_size, cfg.seed)
+    for _ in range(cfg.epochs):
+        for s in next(orders):
+            xb = torch.from_numpy(data.x_train[s : s + cfg.batch_size])
+            yb = torch.from_numpy(data.y_train[s : s + cfg.batch_size])
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(reference(xb), yb).backward()
+            opt.step()
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        # The trained values were copied back into the caller's module.
+        np.testing.assert_allclose(p.detach().numpy(), result.params[name])
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+# -- lost updates -----------------------------------------------------------------------
+
+
+class ConstantGrad(NumpyModel):
+    """A model whose gradient is 1 everywhere, whatever the batch."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def shapes(self):
+        return {"w": (self.n,)}
+
+    def init(self, rng):
+        return {"w": np.zeros(self.n, np.float32)}
+
+    def forward(self, params, x):
+        return np.zeros((len(x), 2), np.float32), None
+
+    def backward(self, params, cache, dlogits, grads):
+        grads["w"][...] = 1.0
+
+
+def constant_run(policy: str, workers: int, steps: int, n: int = 200_000) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    data = ps.make_dataset(rng.normal(size=(64, 4)), rng.integers(0, 2, 64), classes=2)
+    cfg = config(policy=policy, workers=workers, steps=workers * steps, epochs=10_000, lr=1.0, momentum=0.0)
+    result = ps.train(ConstantGrad(n), data, cfg)
+    assert result.updates == workers * steps
+    return result.params["w"]
+
+
+@pytest.mark.parametrize("policy", ["po1", "po2", "striped"])
+def test_locking_policies_lose_no_update(policy):
+    workers, steps = 2, 150
+    w = constant_run(policy, workers, steps)
+    # Every update subtracts exactly 1.0 from every element: nothing may be missing.
+    np.testing.assert_array_equal(w, np.full_like(w, -workers * steps))
+
+
+def test_po3_may_lose_updates_but_never_invents_them():
+    """Hogwild!: two workers' read-modify-write of the same element can overlap and one
+    update is then lost. That is po3's contract; what it must never do is apply an
+    update twice or corrupt a value beyond the two it raced between."""
+    workers, steps = 2, 150
+    w = constant_run("po3", workers, steps)
+    assert np.all(w == np.round(w)), "values must be whole numbers of updates (no torn floats)"
+    assert np.all(w >= -workers * steps), "more updates than were made"
+    assert np.all(w <= -steps), "each worker applied all its own updates at least"
+    lost = float((w + workers * steps).sum())
+    print(f"po3 lost {lost:.0f} of {workers * steps * w.size} element updates")
+
+
+# -- zero copy --------------------------------------------------------------------------
+
+
+def _zero_copy_child(store: ps.ParamStore, payload: bytes, rank: int) -> None:
+    spec = ModelSpec("torch", payload)
+    backend = TorchBackend(spec, store.model_layout, store.params, np.zeros_like(store.params))
+    views = store.model_layout.unflatten(store.params)
+    same = all(p.data_ptr() == views[n].ctypes.data for n, p in backend.model.named_parameters())
+    first = next(backend.model.parameters())
+    store.counters[rank, 0] = 1.0 if same else -1.0
+    store.counters[rank, 1] = float(first.detach().sum())  # what this worker sees
+    if rank == 0:
+        with torch.no_grad():
+            first.add_(1.0)  # an in-place update by worker 0, no message sent
+    del backend, views, first
+    store.close()
+
+
+def test_torch_parameters_are_views_of_the_segment_and_updates_are_seen_by_others():
+    import pickle
+
+    torch.manual_seed(0)
+    model = MLP(8, 3, hidden=4)
+    layout = ps.Layout.from_torch(model)
+    init = layout.flatten({n: p.detach().numpy() for n, p in model.named_parameters()})
+    first_name = layout.names[0]
+    before = float(init[: layout[first_name].size].sum())
+    ctx = mp.get_context("spawn")
+    with ps.ParamStore.create_for(layout, workers=2) as store:
+        store.params[...] = init
+        for rank in (0, 1):  # one after the other: worker 1 must see worker 0's update
+            p = ctx.Process(target=_zero_copy_child, args=(store, pickle.dumps(model), rank))
+            p.start()
+            p.join(60)
+            assert p.exitcode == 0
+        assert store.counters[0, 0] == 1.0, "worker 0's parameters are not views of the segment"
+        assert store.counters[1, 0] == 1.0, "worker 1's parameters are not views of the segment"
+        assert store.counters[0, 1] == pytest.approx(before, abs=1e-4)
+        n_first = layout[first_name].size
+        assert store.counters[1, 1] == pytest.approx(before + n_first, abs=1e-3)
+
+
+# -- every policy trains with two workers; accuracy ------------------------------------
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_two_numpy_workers_train_under_every_policy(digits, policy):
+    result = ps.train(NumpyMLP(64, 10, 32), digits, config(policy=policy, workers=2, epochs=5))
+    assert result.stop_reason == "epochs"
+    assert [w["status"] for w in result.workers] == [2.0, 2.0]
+    assert all(w["steps"] > 0 for w in result.workers)
+    assert result.test_accuracy > 0.9
+
+
+def test_torch_mlp_po3_two_workers_reaches_95_percent(digits):
+    torch.manual_seed(0)
+    result = ps.train(MLP(64, 10, 64), digits, config(policy="po3", workers=2, epochs=10))
+    assert result.test_accuracy >= 0.95, result.summary()
+
+
+def test_numpy_mlp_two_workers_reaches_95_percent(digits):
+    result = ps.train(NumpyMLP(64, 10, 64), digits, config(policy="po3", workers=2, epochs=10))
+    assert result.test_accuracy >= 0.95, result.summary()
+
+
+# -- stop criteria and outputs ------------------------------------------------------------
+
+
+def test_target_accuracy_stops_the_run_early(digits):
+    cfg = config(workers=2, epochs=1000, target_accuracy=0.9, eval_every=0.2)
+    result = ps.train(NumpyMLP(64, 10, 32), digits, cfg)
+    assert result.stop_reason == "target_accuracy"
+    assert result.test_accuracy >= 0.9
+    assert result.samples < 1000 * len(digits.x_train)
+
+
+def test_steps_budget_is_exact_and_results_are_written(digits, tmp_path):
+    cfg = config(workers=2, steps=31, epochs=100, out_dir=str(tmp_path))
+    result = ps.train(NumpyMLP(64, 10, 8), digits, cfg)
+    assert result.stop_reason == "steps"
+    assert result.updates == 31
+    assert sorted(w["steps"] for w in result.workers) == [15, 16]
+    import json
+
+    doc = json.loads((tmp_path / result.run_dir.split("/")[-1] / "results.json").read_text())
+    assert doc["result"]["updates"] == 31
+    assert doc["machine"]["usable_cores"] >= 1
+    saved = np.load(tmp_path / result.run_dir.split("/")[-1] / "params.npz")
+    np.testing.assert_array_equal(saved["W0"], result.params["W0"])
+
+
+def test_adam_with_shared_and_per_worker_state_trains(digits):
+    for shared in (True, False):
+        cfg = config(workers=2, epochs=5, optimizer="adam", lr=0.003, shared_state=shared)
+        result = ps.train(NumpyMLP(64, 10, 32), digits, cfg)
+        assert result.test_accuracy > 0.9, (shared, result.summary())
+
+
+class Exploding(NumpyMLP):
+    def backward(self, params, cache, dlogits, grads):
+        raise RuntimeError("boom in user code")
+
+
+def test_a_worker_that_raises_stops_the_run_with_a_clear_error(digits):
+    with pytest.raises(ps.WorkerError, match="worker .* died"):
+        ps.train(Exploding(64, 10, 8), digits, config(workers=2))
