@@ -9,6 +9,7 @@ order.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -117,12 +118,20 @@ def load_npz(path: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist; pass 'digits' or a .npz path")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path!r} is not a NumPy .npz file: {e}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path!r} holds a single array (.npy), not a .npz; save with np.savez(path, x=x, y=y)"
+        )
+    try:
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
     except ValueError as e:
         raise ValueError(f"{path!r} is not a NumPy .npz file of plain arrays: {e}") from None
-    except OSError as e:
-        raise ValueError(f"{path!r} could not be read as a .npz file: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path!r} is not a NumPy .npz file (truncated or damaged?): {e}") from None
     if "x" not in arrays or "y" not in arrays:
         raise ValueError(
             f"{path!r} has arrays {sorted(arrays)}; it needs 'x' (inputs) and 'y' (labels), "

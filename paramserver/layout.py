@@ -36,6 +36,14 @@ def align_up(n: int, align: int = ALIGN) -> int:
     return -(-n // align) * align
 
 
+def _check_dtype(name: str, dt: np.dtype) -> None:
+    if dt.hasobject or dt.kind not in "biuf":
+        raise TypeError(
+            f"array {name!r} has dtype {dt}: only numeric dtypes can live in "
+            "shared memory; convert it, e.g. with .astype(np.float32)"
+        )
+
+
 @dataclass(frozen=True)
 class Field:
     """One named array: ``shape`` of ``dtype`` at byte ``offset``."""
@@ -76,11 +84,7 @@ class Layout:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"layout names must be non-empty strings, got {name!r}")
             dt = np.dtype(dtype)
-            if dt.hasobject or dt.kind not in "biuf":
-                raise TypeError(
-                    f"array {name!r} has dtype {dt}: only numeric dtypes can live in "
-                    "shared memory; convert it, e.g. with .astype(np.float32)"
-                )
+            _check_dtype(name, dt)
             shape = tuple(int(s) for s in shape)
             if any(s < 0 for s in shape):
                 raise ValueError(f"array {name!r} has a negative dimension: {shape}")
@@ -209,7 +213,7 @@ class Layout:
             Field(str(n), int(o), tuple(int(s) for s in sh), str(dt)) for n, o, sh, dt in d["fields"]
         )
         for f in fields:
-            np.dtype(f.dtype)  # rejects anything that is not a plain dtype string
+            _check_dtype(f.name, np.dtype(f.dtype))
         return cls(fields, int(d["nbytes"]))
 
     def describe(self) -> str:

@@ -186,17 +186,24 @@ class ParameterServer:
         cores = usable_cores()
         threads = cfg.threads or max(1, len(cores) // cfg.workers)
         pin = cfg.pin == "on" or (cfg.pin == "auto" and cfg.workers <= len(cores))
+
+        # Worker r gets `threads` cores of its own (wrapping round when oversubscribed):
+        # pinning a multi-threaded worker to a single core makes its threads fight.
+        def cores_of(rank: int) -> tuple[int, ...]:
+            return tuple(cores[(rank * threads + i) % len(cores)] for i in range(threads))
+
         for rank in range(cfg.workers):
             steps = 0
             if cfg.steps:
                 steps = cfg.steps // cfg.workers + (rank < cfg.steps % cfg.workers)
             plan = WorkerPlan(
-                rank=rank, workers=cfg.workers, core=cores[rank % len(cores)] if pin else None,
+                rank=rank, workers=cfg.workers,
+                cores=cores_of(rank) if pin else None,
                 threads=threads, steps=steps, parent_pid=os.getpid(),
             )  # fmt: skip
             p = ctx.Process(
                 target=worker_main,
-                args=(plan, self.store, self._data, self.policy, self.spec, cfg),
+                args=(self.spec, plan, self.store, self._data, self.policy, cfg),
                 name=f"paramserver-worker-{rank}",
                 daemon=True,  # never outlive the server
             )

@@ -39,16 +39,16 @@ class WorkerPlan:
 
     rank: int
     workers: int
-    core: int | None
-    """CPU to pin to, or None to leave the affinity alone."""
+    cores: tuple[int, ...] | None
+    """CPUs to pin to (one per thread), or None to leave the affinity alone."""
     threads: int
     steps: int
     """Updates this worker applies at most (0 = no limit)."""
     parent_pid: int
 
 
-def place(core: int | None, nice: int) -> list[str]:
-    """Pin this process to ``core`` and set its niceness; return warnings, never raise.
+def place(cores: tuple[int, ...] | None, nice: int) -> list[str]:
+    """Pin this process to ``cores`` and set its niceness; return warnings, never raise.
 
     Must run before the framework starts its thread pools: on Linux, affinity
     and niceness are per thread and only threads created later inherit them.
@@ -57,11 +57,11 @@ def place(core: int | None, nice: int) -> list[str]:
 
     warnings = []
     me = psutil.Process()
-    if core is not None:
+    if cores is not None:
         try:
-            me.cpu_affinity([core])
+            me.cpu_affinity(list(cores))
         except (psutil.Error, OSError, ValueError) as e:
-            warnings.append(f"could not pin to core {core}: {e}")
+            warnings.append(f"could not pin to cores {list(cores)}: {e}")
     if nice:
         try:
             me.nice(nice)
@@ -73,17 +73,24 @@ def place(core: int | None, nice: int) -> list[str]:
 
 
 def worker_main(
+    spec: ModelSpec,
     plan: WorkerPlan,
     store: ParamStore,
     data: Segment,
     policy: Policy,
-    spec: ModelSpec,
     config: TrainConfig,
 ) -> None:
-    """Entry point of a worker process (spawned; ``store`` and ``data`` arrive attached)."""
+    """Entry point of a worker process (spawned; ``store`` and ``data`` arrive attached).
+
+    ``spec`` comes first on purpose: the arguments are unpickled in order from a
+    pipe the server is still writing to, and a child that dies half-way (a
+    segment gone, a lock gone) while a large model is still unread would leave
+    the server blocked on that pipe for ever. Read first, the model is in; what
+    follows is small enough for the pipe's buffer.
+    """
     # Ctrl-C reaches the whole process group; the server decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for w in place(plan.core, config.nice):
+    for w in place(plan.cores, config.nice):
         print(f"paramserver worker {plan.rank}: warning: {w}", flush=True)
     set_threads(spec.backend, plan.threads)
     row = store.counters[plan.rank]

@@ -1,0 +1,233 @@
+"""Update rules: the same steps as torch.optim, whole or stripe by stripe, and their argument checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from paramserver.optim import RULES, SGD, Adam, RMSProp, UpdateRule, make_rule
+
+N = 1000
+STEPS = 5
+
+# (id, our rule, the torch optimizer with the same settings, learning rate)
+MakeTorch = Callable[[list[torch.Tensor], float], torch.optim.Optimizer]
+CASES: list[tuple[str, Callable[[], UpdateRule], MakeTorch, float]] = [
+    ("sgd", lambda: make_rule("sgd"), lambda ps, lr: torch.optim.SGD(ps, lr=lr), 0.05),
+    (
+        "sgd-momentum",
+        lambda: make_rule("sgd", momentum=0.9),
+        lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+        0.05,
+    ),
+    (
+        "sgd-nesterov",
+        lambda: make_rule("sgd", momentum=0.9, nesterov=True),
+        lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True),
+        0.05,
+    ),
+    (
+        "sgd-weight-decay",
+        lambda: make_rule("sgd", weight_decay=0.1),
+        lambda ps, lr: torch.optim.SGD(ps, lr=lr, weight_decay=0.1),
+        0.05,
+    ),
+    (
+        "sgd-nesterov-weight-decay",
+        lambda: make_rule("sgd", momentum=0.8, nesterov=True, weight_decay=0.05),
+        lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.8, nesterov=True, weight_decay=0.05),
+        0.05,
+    ),
+    ("adam", lambda: make_rule("adam"), lambda ps, lr: torch.optim.Adam(ps, lr=lr), 0.01),
+    (
+        "adam-betas-eps",
+        lambda: make_rule("adam", betas=(0.8, 0.99), eps=1e-6),
+        lambda ps, lr: torch.optim.Adam(ps, lr=lr, betas=(0.8, 0.99), eps=1e-6),
+        0.01,
+    ),
+    (
+        "adam-weight-decay",
+        lambda: make_rule("adam", weight_decay=0.1),
+        lambda ps, lr: torch.optim.Adam(ps, lr=lr, weight_decay=0.1),
+        0.01,
+    ),
+    (
+        "adamw-weight-decay",
+        lambda: make_rule("adamw", weight_decay=0.1),
+        lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1),
+        0.01,
+    ),
+    ("rmsprop", lambda: make_rule("rmsprop"), lambda ps, lr: torch.optim.RMSprop(ps, lr=lr), 0.01),
+    (
+        "rmsprop-weight-decay",
+        lambda: make_rule("rmsprop", alpha=0.9, weight_decay=0.1),
+        lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, alpha=0.9, weight_decay=0.1),
+        0.01,
+    ),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _problem(seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Initial parameters and one gradient per step, float32."""
+    rng = np.random.default_rng(seed)
+    p0 = rng.standard_normal(N).astype(np.float32)
+    grads = [rng.standard_normal(N).astype(np.float32) for _ in range(STEPS)]
+    # A few zeros and tiny values, where eps and weight decay decide the update.
+    grads[0][:5] = 0.0
+    grads[1][5:10] = 1e-7
+    return p0, grads
+
+
+def _buffers(rule: UpdateRule, n: int = N) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((rule.state_slots, n), np.float32), np.zeros((rule.scratch_slots, n), np.float32)
+
+
+@pytest.mark.parametrize(("make", "make_torch", "lr"), [c[1:] for c in CASES], ids=IDS)
+def test_rule_matches_torch_optim(make, make_torch, lr):
+    rule = make()
+    p0, grads = _problem()
+    p = p0.copy()
+    state, scratch = _buffers(rule)
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = make_torch([tp], lr)
+
+    for t, g in enumerate(grads, start=1):
+        g_before = g.copy()
+        rule.apply(p, g, state, t, lr, scratch)
+        tp.grad = torch.from_numpy(g.copy())
+        opt.step()
+
+        np.testing.assert_array_equal(g, g_before)  # the gradient is read only
+        assert p.dtype == np.float32
+        np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+    assert not np.array_equal(p, p0)
+
+
+@pytest.mark.parametrize(("make", "make_torch", "lr"), [c[1:] for c in CASES], ids=IDS)
+def test_rule_matches_torch_state(make, make_torch, lr):
+    """The state rows hold what torch calls momentum_buffer / exp_avg, exp_avg_sq / square_avg."""
+    rule = make()
+    p0, grads = _problem(seed=1)
+    p = p0.copy()
+    state, scratch = _buffers(rule)
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = make_torch([tp], lr)
+    for t, g in enumerate(grads, start=1):
+        rule.apply(p, g, state, t, lr, scratch)
+        tp.grad = torch.from_numpy(g.copy())
+        opt.step()
+
+    torch_state = opt.state[tp]
+    keys = {
+        SGD: ["momentum_buffer"],
+        Adam: ["exp_avg", "exp_avg_sq"],
+        RMSProp: ["square_avg"],
+    }[type(rule)][: rule.state_slots]
+    assert len(keys) == rule.state_slots
+    for row, key in zip(state, keys, strict=True):
+        np.testing.assert_allclose(row, torch_state[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+STRIPES = [(0, 1), (1, 7), (7, 64), (64, 65), (65, 333), (333, 900), (900, N)]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in CASES], ids=IDS)
+def test_stripes_equal_whole_vector_bitwise(make):
+    rule = make()
+    p0, grads = _problem(seed=2)
+    lr = 0.01
+
+    whole = p0.copy()
+    state_w, scratch_w = _buffers(rule)
+    striped = p0.copy()
+    state_s, scratch_s = _buffers(rule)
+    for t, g in enumerate(grads, start=1):
+        rule.apply(whole, g, state_w, t, lr, scratch_w)
+        for lo, hi in STRIPES:
+            rule.apply(striped[lo:hi], g[lo:hi], state_s[:, lo:hi], t, lr, scratch_s[:, lo:hi])
+
+    assert sum(hi - lo for lo, hi in STRIPES) == N
+    np.testing.assert_array_equal(striped.view(np.uint32), whole.view(np.uint32))
+    np.testing.assert_array_equal(state_s.view(np.uint32), state_w.view(np.uint32))
+
+
+@pytest.mark.parametrize("make", [c[1] for c in CASES], ids=IDS)
+def test_stripes_in_any_order_with_own_scratch(make):
+    """Stripes applied out of order, each with a scratch of its own length, change nothing."""
+    rule = make()
+    p0, grads = _problem(seed=3)
+    lr = 0.01
+
+    whole = p0.copy()
+    state_w, scratch_w = _buffers(rule)
+    striped = p0.copy()
+    state_s = np.zeros_like(state_w)
+    for t, g in enumerate(grads, start=1):
+        rule.apply(whole, g, state_w, t, lr, scratch_w)
+        for lo, hi in reversed(STRIPES):
+            scratch = np.full((rule.scratch_slots, hi - lo), np.nan, np.float32)
+            rule.apply(striped[lo:hi], g[lo:hi], state_s[:, lo:hi], t, lr, scratch)
+
+    np.testing.assert_array_equal(striped.view(np.uint32), whole.view(np.uint32))
+
+
+def test_float64_stays_float64():
+    rule = make_rule("adam", weight_decay=0.01)
+    p0 = np.linspace(-1, 1, 10)
+    p = p0.copy()
+    g = np.linspace(1, -1, 10)
+    state = np.zeros((rule.state_slots, 10))
+    scratch = np.zeros((rule.scratch_slots, 10))
+
+    rule.apply(p, g, state, 1, 0.1, scratch)
+
+    assert p.dtype == np.float64
+    # Adam's first step moves each parameter by lr against the sign of its (decayed) gradient.
+    np.testing.assert_allclose(p - p0, -0.1 * np.sign(g + 0.01 * p0), rtol=1e-6)
+
+
+# -- construction ----------------------------------------------------------------------------
+
+
+def test_make_rule_names_and_slots():
+    assert RULES == ("sgd", "adam", "adamw", "rmsprop")
+    sgd = make_rule("sgd")
+    assert isinstance(sgd, SGD) and sgd.state_slots == 0
+    assert make_rule("sgd", momentum=0.9).state_slots == 1
+    adam = make_rule("adam")
+    assert isinstance(adam, Adam) and not adam.decoupled and adam.state_slots == 2
+    adamw = make_rule("adamw", weight_decay=0.01)
+    assert isinstance(adamw, Adam) and adamw.decoupled and adamw.weight_decay == 0.01
+    rms = make_rule("rmsprop", alpha=0.95)
+    assert isinstance(rms, RMSProp) and rms.alpha == 0.95 and rms.state_slots == 1
+    for name in RULES:
+        rule = make_rule(name)
+        assert rule.scratch_slots >= 1
+
+
+@pytest.mark.parametrize("name", ["lion", "SGD", "", "adam "])
+def test_make_rule_unknown_name_names_the_choices(name):
+    with pytest.raises(ValueError, match=r"unknown optimizer .*choose one of sgd, adam, adamw, rmsprop"):
+        make_rule(name)
+
+
+def test_sgd_nesterov_without_momentum():
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0"):
+        make_rule("sgd", nesterov=True)
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0"):
+        SGD(nesterov=True, momentum=0.0)
+
+
+def test_sgd_negative_momentum():
+    with pytest.raises(ValueError, match="momentum must be >= 0"):
+        SGD(momentum=-0.1)
+
+
+@pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, 1.0), (-0.1, 0.999)])
+def test_adam_betas_out_of_range(betas):
+    with pytest.raises(ValueError, match=r"beta[12] must be in \[0, 1\)"):
+        make_rule("adam", betas=betas)
