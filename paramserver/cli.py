@@ -71,9 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     job = TrainJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainJob)})
     if job.backend == "torch":
         try:
-            import torch  # noqa: F401
+            import torch
         except ImportError:
             raise UsageError("--backend torch needs PyTorch: pip install 'paramserver[torch]'") from None
+        torch.manual_seed(job.seed)  # the initial parameters
     dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
     model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden)
     print(

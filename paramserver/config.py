@@ -42,7 +42,7 @@ class TrainConfig:
     alpha: float = _f(0.99, "rmsprop: square-average decay")
     shared_state: bool = _f(True, "keep optimizer state in shared memory (A3C-style) rather than per worker")
     batch_size: int = _f(32, "samples per step per worker")
-    epochs: int = _f(10, "passes over the training set (each worker passes over its shard)")
+    epochs: int = _f(20, "passes over the training set (each worker passes over its shard)")
     steps: int = _f(0, "total updates across workers; 0 = no limit (epochs decide)")
     max_seconds: float = _f(0.0, "wall-time budget for training in seconds; 0 = none")
     target_loss: float | None = _f(None, "stop when the workers' mean batch loss is at most this")

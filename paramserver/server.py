@@ -294,7 +294,7 @@ class ParameterServer:
                         "t": round(elapsed, 3), "updates": updates, "samples": samples, "loss": loss,
                         "steps": rows[:, COUNTER["steps"]].tolist(), "test_accuracy": last_acc,
                     }) + "\n")  # fmt: skip
-                if all(p.exitcode == 0 for p in self.processes):
+                if np.all(rows[:, COUNTER["status"]] == STATUS["done"]):
                     reason = "steps" if cfg.steps else "epochs"
                     break
                 if cfg.max_seconds and elapsed >= cfg.max_seconds:

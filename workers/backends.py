@@ -136,11 +136,13 @@ def make_backend(
     raise ValueError(f"unknown backend {spec.backend!r}; choose one of torch, numpy")
 
 
-def set_threads(backend: str, threads: int) -> None:
-    """Size the framework's thread pool (call before the first forward pass)."""
+def set_threads_and_seed(backend: str, threads: int, seed: int) -> None:
+    """Size the framework's thread pool (before the first forward pass) and seed it
+    (dropout and other randomness inside the model)."""
     if backend == "torch":
         import torch
 
+        torch.manual_seed(seed)
         torch.set_num_threads(threads)
         try:
             torch.set_num_interop_threads(1)

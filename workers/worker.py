@@ -27,7 +27,7 @@ from paramserver.optim import make_rule
 from paramserver.policy import Policy
 from paramserver.store import COUNTER, STATUS, ParamStore, Segment
 
-from .backends import ModelSpec, make_backend, set_threads
+from .backends import ModelSpec, make_backend, set_threads_and_seed
 
 LOSS_SMOOTHING = 0.1
 """Weight of the newest batch in the smoothed loss a worker reports."""
@@ -92,7 +92,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for w in place(plan.cores, config.nice):
         print(f"paramserver worker {plan.rank}: warning: {w}", flush=True)
-    set_threads(spec.backend, plan.threads)
+    set_threads_and_seed(spec.backend, plan.threads, config.seed + plan.rank)
     row = store.counters[plan.rank]
     try:
         _train(plan, store, data, policy, spec, config)
