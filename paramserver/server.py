@@ -260,7 +260,9 @@ class ParameterServer:
         evaluator = _Evaluator(self.spec, self.layout, store.params, self.data)
         if cfg.out_dir:
             self.run_dir = _new_run_dir(cfg.out_dir, cfg)
-        metrics = open(os.path.join(self.run_dir, "metrics.jsonl"), "w") if self.run_dir else None  # noqa: SIM115
+        metrics = None
+        if self.run_dir:  # line-buffered: the log is readable while the run goes on
+            metrics = open(os.path.join(self.run_dir, "metrics.jsonl"), "w", buffering=1)  # noqa: SIM115
         total_samples = cfg.epochs * len(self.data.x_train)
         progress = Progress(
             enabled=cfg.progress, workers=cfg.workers, total_samples=total_samples, steps=cfg.steps

@@ -136,3 +136,33 @@ def test_clean_removes_segments_of_dead_servers_only(tmp_path):
         assert f"removed {dead}" in out.stdout
         names = [n for n, _, _ in list_segments()]
         assert dead not in names and live.name in names
+
+
+def test_ctrl_c_stops_the_run_cleanly_and_writes_results(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paramserver", "train", "--backend", "numpy", "--epochs", "100000",
+         "--no-progress", "--out-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and any((d / "metrics.jsonl").stat().st_size for d in out.iterdir())):
+            assert time.monotonic() < deadline, "training did not start"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, stderr
+    assert "stopped by interrupted" in stdout
+    assert "Traceback" not in stderr
+    doc = json.loads((only_run_dir(out) / "results.json").read_text())
+    assert doc["result"]["stop_reason"] == "interrupted"
+    assert doc["result"]["updates"] > 0
