@@ -1,9 +1,10 @@
-"""The command line: ``paramserver train | inspect | clean``.
+"""The command line: ``paramserver train | inspect | clean | bench``.
 
     paramserver train --workers 2 --policy po3          # digits, torch MLP
     paramserver inspect                                 # live segments
     paramserver inspect psrv_1234_0123abcd              # layout and counters of one
     paramserver clean                                   # remove segments of dead runs
+    paramserver bench --quick                           # benchmark suites (paramserver.benchmarks)
 
 Options of ``train`` are generated from :class:`paramserver.config.TrainJob`,
 one per field. A bad value is one line on stderr and exit code 2.
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show the layout and live counters of a running server")
     inspect.add_argument("name", nargs="?", help="segment name (omit to list live segments)")
     sub.add_parser("clean", help="remove segments left behind by runs whose server is dead")
+    from paramserver.benchmarks.common import BenchConfig
+
+    bench = sub.add_parser("bench", help="benchmark suites against the peers, side by side")
+    _add_dataclass_options(bench, BenchConfig)
     return parser
 
 
@@ -153,7 +158,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "clean": cmd_clean}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from paramserver.benchmarks.common import BenchConfig
+    from paramserver.benchmarks.runner import run
+
+    run(BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "clean": cmd_clean, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
