@@ -1,6 +1,6 @@
 """Runs the chosen suites in one process and saves the report after each one.
 
-    python -m paramserver.benchmarks --quick            # or: paramserver bench --quick
+python -m paramserver.benchmarks --quick            # or: paramserver bench --quick
 """
 
 from __future__ import annotations
