@@ -135,7 +135,9 @@ class Report:
             f"{'quick' if self.config.quick else 'full'} mode, {self.config.n_repeats} repeat(s).",
             "",
         ]
-        for suite in self.rows.keys() | self.notes.keys():
+        for suite in sorted(self.rows.keys() | self.notes.keys()):
+            if not (self.tables.get(suite) or self.notes.get(suite) or self.plots.get(suite)):
+                continue  # raw rows only (in results.json)
             md += [f"## {suite}", ""]
             md += self.tables.get(suite, [])
             md += [f"- {n}" for n in self.notes.get(suite, [])]

@@ -134,6 +134,7 @@ class ParameterServer:
         self.callback = callback
         self.processes: list[mp.process.BaseProcess] = []
         self.policy: Policy | None = None
+        self.start_barrier: Any = None
         self.run_dir: str | None = None
         self._started = 0.0
         if len(data.x_train) < config.workers:
@@ -183,6 +184,10 @@ class ParameterServer:
         # Kept for the whole run: a lock's name is unlinked when the object that created
         # it is collected, and a worker still starting would then fail to open it.
         self.policy = make_policy(cfg.policy, self.layout.flat_size, ctx, k=cfg.k, stripes=cfg.stripes)
+        # Workers start their first step together, once every one has built its model:
+        # spawning and importing take long enough that staggered starts would skew
+        # every figure of the first second.
+        self.start_barrier = ctx.Barrier(cfg.workers)
         cores = usable_cores()
         threads = cfg.threads or max(1, len(cores) // cfg.workers)
         pin = cfg.pin == "on" or (cfg.pin == "auto" and cfg.workers <= len(cores))
@@ -203,7 +208,7 @@ class ParameterServer:
             )  # fmt: skip
             p = ctx.Process(
                 target=worker_main,
-                args=(self.spec, plan, self.store, self._data, self.policy, cfg),
+                args=(self.spec, plan, self.store, self._data, self.policy, self.start_barrier, cfg),
                 name=f"paramserver-worker-{rank}",
                 daemon=True,  # never outlive the server
             )
@@ -273,9 +278,10 @@ class ParameterServer:
         last_acc: float | None = None
         last_eval = 0.0
         t0: float | None = None  # time.time() when the first worker began training
+        poll = POLL_SECONDS if cfg.target_accuracy is None else min(POLL_SECONDS, cfg.eval_every)
         try:
             while True:
-                time.sleep(POLL_SECONDS)
+                time.sleep(poll)
                 self._check_workers()
                 if t0 is None:
                     started = counters[:, COUNTER["started"]]
@@ -307,7 +313,7 @@ class ParameterServer:
                     break
                 if cfg.target_accuracy is not None and now - last_eval >= cfg.eval_every:
                     last_eval = now
-                    last_acc = evaluator.accuracy()
+                    last_acc = evaluator.accuracy(while_training=True)
                     if last_acc >= cfg.target_accuracy:
                         reason = "target_accuracy"
                         break
@@ -369,20 +375,28 @@ class ParameterServer:
 
 class _Evaluator:
     """Test-set accuracy from the live shared parameters, without pausing the workers
-    (PO3 and striped may show a half-applied update: fine for a progress figure)."""
+    (PO3 and striped may show a half-applied update: fine for a progress figure).
+
+    While workers run it uses one thread: a BLAS or OpenMP pool in the server
+    spins between evaluations and takes cores from the workers."""
 
     def __init__(self, spec: Any, layout: Layout, params: np.ndarray, data: Dataset):
+        from threadpoolctl import ThreadpoolController
+
         from paramserver.workers.backends import make_backend
 
         self.backend = make_backend(spec, layout, params)
         self.data = data
+        self.pools = ThreadpoolController()
 
-    def accuracy(self, chunk: int = 2048) -> float:
+    def accuracy(self, *, while_training: bool = False, chunk: int = 2048) -> float:
         x, y = self.data.x_test, self.data.y_test
         correct = 0
-        for i in range(0, len(x), chunk):
-            logits = self.backend.predict(x[i : i + chunk])
-            correct += int((logits.argmax(axis=1) == y[i : i + chunk]).sum())
+        threads = 1 if while_training else None
+        with self.pools.limit(limits=threads):
+            for i in range(0, len(x), chunk):
+                logits = self.backend.predict(x[i : i + chunk], threads=threads)
+                correct += int((logits.argmax(axis=1) == y[i : i + chunk]).sum())
         return correct / len(x)
 
 

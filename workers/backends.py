@@ -45,8 +45,9 @@ class Backend(ABC):
         """Write the gradient of the last ``forward`` into the flat gradient buffer."""
 
     @abstractmethod
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Logits for ``x`` with the current parameters (no gradient)."""
+    def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """Logits for ``x`` with the current parameters (no gradient), using at most
+        ``threads`` threads of the framework's own pool if given."""
 
 
 class TorchBackend(Backend):
@@ -90,13 +91,18 @@ class TorchBackend(Backend):
         self._loss.backward()
         self._loss = None
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        was_training = self.model.training
+    def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+        torch = self.torch
+        was_training, saved_threads = self.model.training, torch.get_num_threads()
         self.model.eval()
-        with self.torch.no_grad():
-            out = self.model(self.torch.from_numpy(x)).numpy()
-        self.model.train(was_training)
-        return out
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                return self.model(torch.from_numpy(x)).numpy()
+        finally:
+            torch.set_num_threads(saved_threads)
+            self.model.train(was_training)
 
 
 class NumpyBackend(Backend):
@@ -122,8 +128,8 @@ class NumpyBackend(Backend):
         self._pending = None
         self.model.backward(self.params, cache, dlogits, self.grads)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.model.forward(self.params, x)[0]
+    def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+        return self.model.forward(self.params, x)[0]  # BLAS threads: limited by the caller
 
 
 def make_backend(

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +31,8 @@ from paramserver.store import COUNTER, STATUS, ParamStore, Segment
 
 from .backends import ModelSpec, make_backend, set_threads_and_seed
 
+START_TIMEOUT = 120.0
+"""Seconds a worker waits for the others to be ready before starting alone."""
 LOSS_SMOOTHING = 0.1
 """Weight of the newest batch in the smoothed loss a worker reports."""
 
@@ -78,6 +82,7 @@ def worker_main(
     store: ParamStore,
     data: Segment,
     policy: Policy,
+    start: Any,
     config: TrainConfig,
 ) -> None:
     """Entry point of a worker process (spawned; ``store`` and ``data`` arrive attached).
@@ -95,7 +100,7 @@ def worker_main(
     set_threads_and_seed(spec.backend, plan.threads, config.seed + plan.rank)
     row = store.counters[plan.rank]
     try:
-        _train(plan, store, data, policy, spec, config)
+        _train(plan, store, data, policy, spec, start, config)
         row[COUNTER["status"]] = STATUS["done"]
     except BaseException:
         row[COUNTER["status"]] = STATUS["failed"]
@@ -116,6 +121,7 @@ def _train(
     data: Segment,
     policy: Policy,
     spec: ModelSpec,
+    start: Any,
     config: TrainConfig,
 ) -> None:
     layout = store.model_layout
@@ -143,6 +149,10 @@ def _train(
         COUNTER["nonfinite"],
     )
     lr = config.lr
+    try:
+        start.wait(START_TIMEOUT)  # the others are still importing: begin together
+    except threading.BrokenBarrierError:
+        pass  # one failed to start; the server sees it and stops the run
     row[COUNTER["heartbeat"]] = row[COUNTER["started"]] = time.time()
     row[COUNTER["status"]] = STATUS["running"]
     local_steps = 0
