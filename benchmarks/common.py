@@ -19,7 +19,7 @@ from typing import Any
 
 from paramserver.machine import machine_info, usable_cores
 
-SUITES = ("throughput", "overhead", "memory", "tta")
+SUITES = ("throughput", "overhead", "memory", "tta", "sparse")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
