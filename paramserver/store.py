@@ -409,5 +409,7 @@ def sweep_stale() -> list[str]:
             os.unlink(os.path.join(SHM_DIR, name))
             removed.append(name)
         except FileNotFoundError:
-            pass
+            pass  # another process swept it first
+        except PermissionError:
+            pass  # another user's: /dev/shm is sticky, and theirs to remove
     return removed
