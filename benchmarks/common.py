@@ -34,7 +34,7 @@ class BenchConfig:
     quick: bool = _f(False, "short measurements (under 2 minutes on 2 cores), for a smoke run")
     workers: str = _f("", "comma-separated worker counts; default 1, 2, 4 and powers of 2 up to the cores")
     repeats: int = _f(3, "repeats of each measurement (medians are reported); --quick uses 1")
-    seconds: float = _f(3.0, "seconds of training per throughput measurement; --quick uses 1")
+    seconds: float = _f(2.0, "seconds of training per throughput measurement; --quick uses 1")
     out_dir: str = _f("bench-results", "directory for results.json, summary.md and the plots")
     seed: int = _f(0, "random seed")
 
