@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class ParameterServer:
 
     _store: ParamStore | None = None
     _data: Segment | None = None
+    _tmpdir: tempfile.TemporaryDirectory[str] | None = None
 
     def __init__(
         self,
@@ -177,6 +179,8 @@ class ParameterServer:
         )  # fmt: skip
         self.store.params[...] = self.init
         self._data = share_training_data(self.data)
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="paramserver-")
+        worker_spec = self.spec.via_file(self._tmpdir.name)
 
         # spawn, not fork: TensorFlow hangs after fork, and an OpenMP pool in this
         # process can hang forked children. A context, not set_start_method().
@@ -208,7 +212,7 @@ class ParameterServer:
             )  # fmt: skip
             p = ctx.Process(
                 target=worker_main,
-                args=(self.spec, plan, self.store, self._data, self.policy, self.start_barrier, cfg),
+                args=(worker_spec, plan, self.store, self._data, self.policy, self.start_barrier, cfg),
                 name=f"paramserver-worker-{rank}",
                 daemon=True,  # never outlive the server
             )
@@ -231,6 +235,9 @@ class ParameterServer:
             with contextlib.suppress(ValueError):
                 p.close()
         self.processes = []
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
         segments = [seg for seg in (self._store, self._data) if seg is not None]
         for seg in segments:  # unlink first: it cannot fail on views still in use
             seg.unlink()

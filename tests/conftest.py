@@ -6,19 +6,26 @@ import os
 
 import pytest
 
-from paramserver.store import PREFIX, SHM_DIR
+from paramserver.store import SHM_DIR, list_segments
 
 
-def _segments() -> set[str]:
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)}
+def _ours_or_orphaned() -> set[str]:
+    # Segments of this process, or of a dead one (a subprocess a test started, or a
+    # crashed worker). A live process other than us is another run on this machine
+    # (a second test session, a benchmark): its segments are not this test's to judge.
+    me = os.getpid()
+    return {name for name, pid, alive in list_segments() if pid == me or not alive}
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_segments():
     """Fail any test that leaves a paramserver segment in /dev/shm."""
-    before = _segments()
+    before = _ours_or_orphaned()
     yield
-    leaked = _segments() - before
+    leaked = _ours_or_orphaned() - before
     for name in leaked:  # clean up so one leak does not fail every later test
-        os.unlink(os.path.join(SHM_DIR, name))
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
     assert not leaked, f"test left shared-memory segments behind: {sorted(leaked)}"

@@ -183,7 +183,7 @@ def test_torch_parameters_are_views_of_the_segment_and_updates_are_seen_by_other
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_two_numpy_workers_train_under_every_policy(digits, policy):
-    result = ps.train(NumpyMLP(64, 10, 32), digits, config(policy=policy, workers=2, epochs=5))
+    result = ps.train(NumpyMLP(64, 10, 32), digits, config(policy=policy, workers=2, epochs=10))
     assert result.stop_reason == "epochs"
     assert [w["status"] for w in result.workers] == [2.0, 2.0]
     assert all(w["steps"] > 0 for w in result.workers)

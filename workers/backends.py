@@ -9,7 +9,9 @@ here, inside the worker, only when asked for.
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,33 @@ class ModelSpec:
     payload: Any
     loss: Callable[..., Any] | None = None
 
+    def via_file(self, directory: str) -> ModelSpec:
+        """This spec with a bytes payload moved to a private file (read by ``load``).
+
+        Large pickles must not travel in a spawned worker's start-up pipe: a
+        worker that dies before reading all of it leaves its parent blocked in
+        ``Process.start()`` for ever (the parent holds the pipe's read end too).
+        """
+        if not isinstance(self.payload, bytes):
+            return self
+        fd, path = tempfile.mkstemp(prefix="model-", suffix=".pkl", dir=directory)  # mode 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.payload)
+        return ModelSpec(self.backend, _PayloadFile(path), self.loss)
+
+    def load(self) -> Any:
+        """The model object (unpickled from bytes or from the file of ``via_file``)."""
+        payload = self.payload
+        if isinstance(payload, _PayloadFile):
+            with open(payload.path, "rb") as f:
+                payload = f.read()
+        return pickle.loads(payload) if isinstance(payload, bytes) else payload
+
+
+@dataclass(frozen=True)
+class _PayloadFile:
+    path: str
+
 
 class Backend(ABC):
     @abstractmethod
@@ -57,7 +86,7 @@ class TorchBackend(Backend):
     def __init__(self, spec: ModelSpec, layout: Layout, params: np.ndarray, grad: np.ndarray | None):
         import torch
 
-        model = pickle.loads(spec.payload) if isinstance(spec.payload, bytes) else spec.payload
+        model = spec.load()
         mine = Layout.from_torch(model)
         if mine.fingerprint != layout.fingerprint:
             raise ValueError("the model's parameters do not match the server's layout")

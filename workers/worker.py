@@ -87,11 +87,10 @@ def worker_main(
 ) -> None:
     """Entry point of a worker process (spawned; ``store`` and ``data`` arrive attached).
 
-    ``spec`` comes first on purpose: the arguments are unpickled in order from a
-    pipe the server is still writing to, and a child that dies half-way (a
-    segment gone, a lock gone) while a large model is still unread would leave
-    the server blocked on that pipe for ever. Read first, the model is in; what
-    follows is small enough for the pipe's buffer.
+    Everything here is small: the arguments travel in a start-up pipe that the
+    server fills inside ``Process.start()``, and a large model is passed as a
+    file (``ModelSpec.via_file``), so a worker that dies while reading them can
+    never leave the server blocked there.
     """
     # Ctrl-C reaches the whole process group; the server decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
