@@ -150,6 +150,50 @@ class RMSProp(UpdateRule):
         p -= denom
 
 
+UPDATE_BLOCK = 16384
+"""Elements a rule handles per call in :class:`Updater` (64 KiB of float32 a row)."""
+
+
+class Updater:
+    """Applies a rule to ranges of one flat vector, block by block.
+
+    A rule makes several passes (Adam: 13); over blocks of ``block`` elements
+    they stay in cache instead of streaming whole-vector temporaries through
+    memory, and the scratch rows are one block long instead of one vector.
+    Set ``t`` (1-based step) and ``lr`` before each step.
+    """
+
+    def __init__(
+        self,
+        rule: UpdateRule,
+        params: np.ndarray,
+        grad: np.ndarray,
+        state: np.ndarray,
+        lr: float,
+        block: int = UPDATE_BLOCK,
+    ):
+        assert state.shape == (rule.state_slots, params.size), "state must be (slots, params)"
+        self.rule, self.params, self.grad, self.state = rule, params, grad, state
+        self.block = block
+        self.scratch = np.zeros((rule.scratch_slots, min(block, params.size)), params.dtype)
+        self.t = 1
+        self.lr = lr
+
+    def __call__(self, a: int, b: int) -> None:
+        rule, p, g, state, scratch, t, lr = (
+            self.rule,
+            self.params,
+            self.grad,
+            self.state,
+            self.scratch,
+            self.t,
+            self.lr,
+        )
+        for lo in range(a, b, self.block):
+            hi = min(lo + self.block, b)
+            rule.apply(p[lo:hi], g[lo:hi], state[:, lo:hi], t, lr, scratch[:, : hi - lo])
+
+
 RULES = ("sgd", "adam", "adamw", "rmsprop")
 
 

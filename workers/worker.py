@@ -25,7 +25,7 @@ import numpy as np
 
 from paramserver.config import TrainConfig
 from paramserver.data import epoch_orders, shard
-from paramserver.optim import make_rule
+from paramserver.optim import Updater, make_rule
 from paramserver.policy import Policy
 from paramserver.store import COUNTER, STATUS, ParamStore, Segment
 
@@ -134,7 +134,7 @@ def _train(
     state = store.state if shared_state else np.zeros((rule.state_slots, params.size), params.dtype)
     assert state.shape[0] == rule.state_slots, "segment has the wrong number of state slots"
     grad = np.zeros_like(params)
-    scratch = np.zeros((rule.scratch_slots, params.size), params.dtype)
+    update = Updater(rule, params, grad, state, config.lr)
     backend = make_backend(spec, layout, params, grad)
 
     x, y = data["x"], data["y"]
@@ -147,7 +147,6 @@ def _train(
         COUNTER["heartbeat"],
         COUNTER["nonfinite"],
     )
-    lr = config.lr
     try:
         start.wait(START_TIMEOUT)  # the others are still importing: begin together
     except threading.BrokenBarrierError:
@@ -167,11 +166,8 @@ def _train(
         finite = bool(np.isfinite(loss)) and bool(np.isfinite(grad.sum()))
 
     def apply(a: int, b: int) -> None:
-        if not finite:
-            return
-        # Adam's bias correction counts the updates made to the state it uses.
-        t = store.version() + 1 if shared_state else local_steps + 1
-        rule.apply(params[a:b], grad[a:b], state[:, a:b], t, lr, scratch[:, a:b])
+        if finite:
+            update(a, b)
 
     for epoch in range(config.epochs):
         for start in next(orders):
@@ -179,7 +175,10 @@ def _train(
                 return
             xb = x[start : min(start + config.batch_size, hi)]
             yb = y[start : min(start + config.batch_size, hi)]
-            row[c_pulled] = store.version()
+            version = store.version()
+            row[c_pulled] = version
+            # Adam's bias correction counts the updates made to the state it uses.
+            update.t = version + 1 if shared_state else local_steps + 1
             loss = backend.forward(xb, yb)
             policy.step(backward, apply, plan.rank)
             if finite:
