@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -167,7 +166,3 @@ def timed(fn: Callable[[], Any], *, repeat: int = 5, number: int = 1) -> float:
             fn()
         best = min(best, (time.perf_counter() - t) / number)
     return best
-
-
-def eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@ class Progress:
     """One line on stderr, redrawn in place on a terminal, printed every few seconds
     otherwise (so that CI logs stay short)."""
 
-    def __init__(self, *, enabled: bool, workers: int, total_samples: int, steps: int = 0):
+    def __init__(self, *, enabled: bool, total_samples: int, steps: int = 0):
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
         self.total_samples = total_samples

@@ -276,9 +276,7 @@ class ParameterServer:
         if self.run_dir:  # line-buffered: the log is readable while the run goes on
             metrics = open(os.path.join(self.run_dir, "metrics.jsonl"), "w", buffering=1)  # noqa: SIM115
         total_samples = cfg.epochs * len(self.data.x_train)
-        progress = Progress(
-            enabled=cfg.progress, workers=cfg.workers, total_samples=total_samples, steps=cfg.steps
-        )
+        progress = Progress(enabled=cfg.progress, total_samples=total_samples, steps=cfg.steps)
         counters = store.counters
         last_metrics = 0.0
         reason = "epochs"
