@@ -380,13 +380,13 @@ def rule_ops(rule: UpdateRule, p, g, state, t, lr, scratch) -> list[tuple[str, i
         bc1 = 1.0 - rule.beta1**t
         bc2 = 1.0 - rule.beta2**t
         return [
-            ("subtract(g, m, out=s)", 3, lambda: np.subtract(g, m, out=s)),
-            ("s *= 1 - beta1", 2, lambda: np.multiply(s, 1.0 - rule.beta1, out=s)),
-            ("m += s", 3, lambda: np.add(m, s, out=m)),
             ("multiply(g, g, out=s)", 2, lambda: np.multiply(g, g, out=s)),
             ("v *= beta2", 2, lambda: np.multiply(v, rule.beta2, out=v)),
             ("s *= 1 - beta2", 2, lambda: np.multiply(s, 1.0 - rule.beta2, out=s)),
             ("v += s", 3, lambda: np.add(v, s, out=v)),
+            ("subtract(g, m, out=s)", 3, lambda: np.subtract(g, m, out=s)),
+            ("s *= 1 - beta1", 2, lambda: np.multiply(s, 1.0 - rule.beta1, out=s)),
+            ("m += s", 3, lambda: np.add(m, s, out=m)),
             ("sqrt(v, out=s)", 2, lambda: np.sqrt(v, out=s)),
             ("s /= sqrt(bc2)", 2, lambda: np.divide(s, math.sqrt(bc2), out=s)),
             ("s += eps", 2, lambda: np.add(s, rule.eps, out=s)),

@@ -106,14 +106,17 @@ class Adam(UpdateRule):
                 p *= 1.0 - lr * self.weight_decay
             else:
                 g = np.add(g, np.multiply(p, self.weight_decay, out=scratch[0]), out=scratch[0])
-        # m += (1 - b1) * (g - m), which is torch's lerp
-        d = np.subtract(g, m, out=scratch[1])
-        d *= 1.0 - self.beta1
-        m += d
+        # v before m, on purpose: with state shared lock-free (po3), another worker
+        # that sees this worker's m must also see its v (x86 keeps stores in order), or
+        # where its own gradient is zero it divides this m by sqrt(0) + eps and jumps.
         sq = np.multiply(g, g, out=scratch[1])
         v *= self.beta2
         sq *= 1.0 - self.beta2
         v += sq
+        # m += (1 - b1) * (g - m), which is torch's lerp
+        d = np.subtract(g, m, out=scratch[1])
+        d *= 1.0 - self.beta1
+        m += d
         bc1 = 1.0 - self.beta1**t
         bc2 = 1.0 - self.beta2**t
         denom = np.sqrt(v, out=scratch[1])
