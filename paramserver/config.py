@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .optim import RULES
+from .optim import RULES, UpdateRule, make_rule
 from .policy import POLICIES
 
 BACKENDS = ("torch", "numpy")
@@ -101,6 +101,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def update_rule(self) -> UpdateRule:
+        """The update rule these options describe."""
+        return make_rule(
+            self.optimizer, momentum=self.momentum, nesterov=self.nesterov,
+            weight_decay=self.weight_decay, betas=(self.beta1, self.beta2), eps=self.eps, alpha=self.alpha,
+        )  # fmt: skip
 
 
 @dataclass

@@ -25,7 +25,6 @@ from .config import TrainConfig
 from .data import Dataset, share_training_data
 from .layout import Layout
 from .machine import machine_info, usable_cores
-from .optim import make_rule
 from .policy import Policy, make_policy
 from .progress import Progress
 from .store import COUNTER, COUNTER_FIELDS, STATUS, ParamStore, Segment, sweep_stale
@@ -171,7 +170,7 @@ class ParameterServer:
         cfg = self.config
         self._started = time.time()
         sweep_stale()
-        rule = make_rule(cfg.optimizer, momentum=cfg.momentum)
+        rule = cfg.update_rule()
         slots = rule.state_slots if cfg.shared_state else 0
         self._store = ParamStore.create_for(
             self.layout, workers=cfg.workers, state_slots=slots,

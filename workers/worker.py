@@ -25,9 +25,9 @@ import numpy as np
 
 from paramserver.config import TrainConfig
 from paramserver.data import epoch_orders, shard
-from paramserver.optim import Updater, make_rule
+from paramserver.optim import Updater
 from paramserver.policy import Policy
-from paramserver.store import COUNTER, STATUS, ParamStore, Segment
+from paramserver.store import CONTROL, COUNTER, STATUS, ParamStore, Segment
 
 from .backends import ModelSpec, make_backend, set_threads_and_seed
 
@@ -125,11 +125,7 @@ def _train(
 ) -> None:
     layout = store.model_layout
     params = store.params
-    rule = make_rule(
-        config.optimizer, momentum=config.momentum, nesterov=config.nesterov,
-        weight_decay=config.weight_decay, betas=(config.beta1, config.beta2),
-        eps=config.eps, alpha=config.alpha,
-    )  # fmt: skip
+    rule = config.update_rule()
     shared_state = config.shared_state and rule.state_slots > 0
     state = store.state if shared_state else np.zeros((rule.state_slots, params.size), params.dtype)
     assert state.shape[0] == rule.state_slots, "segment has the wrong number of state slots"
@@ -169,13 +165,17 @@ def _train(
         if finite:
             update(a, b)
 
+    # Views taken once: the step below reads them without building new arrays.
+    steps_column = store.counters[:, COUNTER["steps"]]
+    control = store.control
+    c_stop = CONTROL["stop"]
     for epoch in range(config.epochs):
-        for start in next(orders):
-            if store.stop_requested or os.getppid() != plan.parent_pid:
+        for first in next(orders):
+            if control[c_stop] or os.getppid() != plan.parent_pid:
                 return
-            xb = x[start : min(start + config.batch_size, hi)]
-            yb = y[start : min(start + config.batch_size, hi)]
-            version = store.version()
+            xb = x[first : min(first + config.batch_size, hi)]
+            yb = y[first : min(first + config.batch_size, hi)]
+            version = int(steps_column.sum())  # the global version, as store.version()
             row[c_pulled] = version
             # Adam's bias correction counts the updates made to the state it uses.
             update.t = version + 1 if shared_state else local_steps + 1
