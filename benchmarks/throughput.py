@@ -232,7 +232,7 @@ def measure_paramserver(task: str, n: int, policy: str, seconds: float) -> float
         # No view of the segment may outlive the block (it is closed on exit).
         return _window(
             lambda: server.store.counters[:, COUNTER["samples"]].copy(),
-            server._check_workers,
+            server.check_workers,
             WARMUP_STEPS * batch,
             seconds,
         )

@@ -9,14 +9,17 @@ or segment exists.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .asynchrony import ATTENUATIONS, LR_SCHEDULES, Attenuation, LRSchedule
 from .optim import RULES, UpdateRule, make_rule
 from .policy import POLICIES
 
 BACKENDS = ("torch", "numpy")
 PIN_CHOICES = ("auto", "on", "off")
+NONFINITE_CHOICES = ("skip", "stop")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -49,7 +52,32 @@ class TrainConfig:
     target_accuracy: float | None = _f(
         None, "stop when test accuracy (checked every --eval-every seconds) reaches this"
     )
-    eval_every: float = _f(1.0, "seconds between test evaluations for --target-accuracy")
+    target_train_accuracy: float | None = _f(
+        None, "stop when accuracy on (up to 2048 samples of) the training split reaches this"
+    )
+    eval_every: float = _f(1.0, "seconds between evaluations for the accuracy targets")
+    eval_every_updates: int = _f(0, "evaluate every this many updates instead of every --eval-every s")
+    lr_schedule: str = _f("constant", "learning rate over the global update count", choices=LR_SCHEDULES)
+    lr_warmup: int = _f(0, "updates of linear learning-rate warm-up (0 = none)")
+    lr_step: int = _f(1000, "step/exp schedules: updates per decay by lr_gamma")
+    lr_gamma: float = _f(0.5, "step/exp schedules: decay factor")
+    lr_min: float = _f(0.0, "cosine schedule: final learning rate")
+    lr_total: int = _f(0, "cosine schedule: its length in updates (0 = --steps, or the epochs' updates)")
+    attenuation: str | Callable[[int], float] = _f(
+        "none",
+        "damp stale updates: exp (gradient x base^staleness), inverse (lr / staleness)",
+        choices=ATTENUATIONS,
+    )
+    attenuation_base: float = _f(0.9, "exp attenuation: base")
+    stale_first: int = _f(0, "a worker this stale (in updates) applies its update first; 0 = off")
+    max_restarts: int = _f(3, "restarts of dead or hung workers before the run is stopped")
+    hang_timeout: float = _f(60.0, "seconds without a heartbeat before a worker counts as hung; 0 = never")
+    on_nonfinite: str = _f(
+        "skip", "a NaN/Inf loss or gradient: skip that step, or stop the run", choices=NONFINITE_CHOICES
+    )
+    checkpoint_every: int = _f(0, "write a checkpoint every this many updates (0 = only at the end)")
+    checkpoint_seconds: float = _f(0.0, "write a checkpoint every this many seconds (0 = only at the end)")
+    resume: str | None = _f(None, "continue from this checkpoint (.npz written by a previous run)")
     pin: str = _f("auto", "pin each worker to a core (auto: when workers <= cores)", choices=PIN_CHOICES)
     nice: int = _f(0, "niceness for workers (0 = unchanged; negative needs privileges)")
     threads: int = _f(0, "threads per worker; 0 = usable cores // workers, at least 1")
@@ -93,6 +121,26 @@ class TrainConfig:
         )
         need(self.eval_every > 0, f"eval_every must be positive, got {self.eval_every}")
         need(
+            self.target_train_accuracy is None or 0 < self.target_train_accuracy <= 1,
+            f"target_train_accuracy is a fraction in (0, 1], got {self.target_train_accuracy}",
+        )
+        need(self.eval_every_updates >= 0, f"eval_every_updates must be >= 0, got {self.eval_every_updates}")
+        need(self.stale_first >= 0, f"stale_first must be >= 0 (0 = off), got {self.stale_first}")
+        need(self.max_restarts >= 0, f"max_restarts must be >= 0, got {self.max_restarts}")
+        need(self.hang_timeout >= 0, f"hang_timeout must be >= 0 (0 = never), got {self.hang_timeout}")
+        need(
+            self.on_nonfinite in NONFINITE_CHOICES,
+            f"on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, got {self.on_nonfinite!r}",
+        )
+        need(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        need(self.checkpoint_seconds >= 0, f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
+        need(
+            not (self.checkpoint_every or self.checkpoint_seconds) or bool(self.out_dir),
+            "checkpoints are written into the run's directory: set out_dir (--out-dir)",
+        )
+        self.attenuation_rule()  # validates the attenuation options
+        self.lr_schedule_for(max(1, self.lr_total or self.steps or 1))  # and the schedule's
+        need(
             self.pin in PIN_CHOICES,
             f"pin must be one of {', '.join(PIN_CHOICES)}, got {self.pin!r}",
         )
@@ -100,7 +148,21 @@ class TrainConfig:
         need(self.threads >= 0, f"threads must be >= 0 (0 = auto), got {self.threads}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if callable(self.attenuation):  # a user's function: recorded by name
+            d["attenuation"] = getattr(self.attenuation, "__qualname__", repr(self.attenuation))
+        return d
+
+    def attenuation_rule(self) -> Attenuation:
+        return Attenuation(self.attenuation, self.attenuation_base)
+
+    def lr_schedule_for(self, total_updates: int) -> LRSchedule:
+        """The learning-rate schedule; ``total_updates`` is the run's expected length
+        (used by ``cosine`` when ``lr_total`` is not given)."""
+        return LRSchedule(
+            self.lr, self.lr_schedule, warmup=self.lr_warmup, step=self.lr_step,
+            gamma=self.lr_gamma, lr_min=self.lr_min, total=self.lr_total or total_updates,
+        )  # fmt: skip
 
     def update_rule(self) -> UpdateRule:
         """The update rule these options describe."""

@@ -15,17 +15,39 @@ multiprocessing context) and handed to each worker when the worker starts;
 locks cannot be sent later. The worker calls :meth:`Policy.step` once per
 training step with two callbacks: ``backward()`` computes the gradient and
 ``apply(lo, hi)`` applies the update rule to ``params[lo:hi]``.
+
+A worker killed while it holds a lock would block every other worker for ever.
+So each worker records in its own counter row which lock or slot it holds
+(:meth:`Policy.bind`), and the server, which sees the worker die, gives the
+lock back (:meth:`Policy.recover`). A kill can land between the acquire and the
+record (a few bytecodes); ``recover`` also frees a lock that has been taken
+with no live worker claiming it for longer than ``LEAK_SECONDS``.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from .store import COUNTER
+
 POLICIES = ("po1", "po2", "po3", "striped")
+LEAK_SECONDS = 1.0
+"""A lock taken while no live worker claims it for this long was leaked by a dead one."""
 
 Apply = Callable[[int, int], None]
+_LOCK, _SLOT = COUNTER["held_lock"], COUNTER["held_slot"]
+
+
+class _NoClaims:
+    """Stands in for a counter row until a worker binds its own."""
+
+    def __setitem__(self, key: int, value: float) -> None:
+        pass
 
 
 class Policy(ABC):
@@ -34,10 +56,56 @@ class Policy(ABC):
     def __init__(self, size: int):
         self.size = size
         """Length of the flat parameter vector."""
+        self.row: Any = _NoClaims()
+        self._unclaimed_since: dict[int, float] = {}
+
+    def bind(self, row: np.ndarray) -> None:
+        """Record this worker's claims (``held_lock``, ``held_slot``) in its counter ``row``."""
+        self.row = row
+
+    def unbind(self) -> None:
+        """Drop the row view (before the segment closes: a live view makes close() fail)."""
+        self.row = _NoClaims()
 
     @abstractmethod
     def step(self, backward: Callable[[], None], apply: Apply, rank: int = 0) -> None:
         """Run ``backward()`` then ``apply`` over the whole vector, locked as the policy says."""
+
+    # -- recovery, on the server's side --------------------------------------------
+
+    def _semaphores(self) -> list[tuple[Any, int, int, int]]:
+        """(semaphore, capacity, counter column, claim value) of every lock and slot."""
+        return []
+
+    def recover(self, counters: np.ndarray, alive: np.ndarray, dead: list[int] | None = None) -> int:
+        """Give back what dead workers held; return how many locks or slots were freed.
+
+        ``counters`` are the workers' rows, ``alive`` a mask of live workers and
+        ``dead`` the ranks that just died (their claims are freed at once; other
+        shortfalls only once they outlast :data:`LEAK_SECONDS`). Called by the
+        server only, and never while the dead workers' rows are being reused.
+        """
+        freed = 0
+        now = time.monotonic()
+        for i, (sem, capacity, col, value) in enumerate(self._semaphores()):
+            for r in dead or []:
+                if counters[r, col] == value:
+                    counters[r, col] = 0
+                    if sem._semlock._get_value() < capacity:
+                        sem.release()
+                        freed += 1
+            claimed = int(np.count_nonzero(counters[alive, col] == value))
+            missing = capacity - claimed - sem._semlock._get_value()
+            if missing <= 0:
+                self._unclaimed_since.pop(i, None)
+                continue
+            since = self._unclaimed_since.setdefault(i, now)
+            if now - since >= LEAK_SECONDS:
+                for _ in range(missing):
+                    sem.release()
+                freed += missing
+                self._unclaimed_since.pop(i, None)
+        return freed
 
 
 class PO1(Policy):
@@ -51,8 +119,15 @@ class PO1(Policy):
 
     def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
         with self.lock:
-            backward()
-            apply(0, self.size)
+            self.row[_LOCK] = 1
+            try:
+                backward()
+                apply(0, self.size)
+            finally:
+                self.row[_LOCK] = 0
+
+    def _semaphores(self):  # type: ignore[no-untyped-def]
+        return [(self.lock, 1, _LOCK, 1)]
 
 
 class PO2(Policy):
@@ -70,9 +145,20 @@ class PO2(Policy):
 
     def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
         with self.slots:
-            backward()
+            self.row[_SLOT] = 1
+            try:
+                backward()
+            finally:
+                self.row[_SLOT] = 0
         with self.lock:
-            apply(0, self.size)
+            self.row[_LOCK] = 1
+            try:
+                apply(0, self.size)
+            finally:
+                self.row[_LOCK] = 0
+
+    def _semaphores(self):  # type: ignore[no-untyped-def]
+        return [(self.lock, 1, _LOCK, 1), (self.slots, self.k, _SLOT, 1)]
 
 
 class PO3(Policy):
@@ -116,7 +202,14 @@ class Striped(Policy):
             j = (i + rank) % n
             lo, hi = self.bounds[j]
             with self.locks[j]:
-                apply(lo, hi)
+                self.row[_LOCK] = j + 1
+                try:
+                    apply(lo, hi)
+                finally:
+                    self.row[_LOCK] = 0
+
+    def _semaphores(self):  # type: ignore[no-untyped-def]
+        return [(lock, 1, _LOCK, j + 1) for j, lock in enumerate(self.locks)]
 
 
 def make_policy(name: str, size: int, ctx: Any, *, k: int = 1, stripes: int = 8) -> Policy:

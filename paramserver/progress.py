@@ -58,10 +58,19 @@ class Progress:
         bars = "".join(BARS[int(round(r / top * (len(BARS) - 1)))] for r in per_worker)
         loss_text = "  -   " if loss is None else f"{loss:.4f}"
         each = float(per_worker.mean()) if len(per_worker) else 0.0
-        return (
+        steps = rows[:, COUNTER["steps"]].sum()
+        stale = rows[:, COUNTER["staleness_sum"]].sum() / steps if steps else 0.0
+        text = (
             f"{min(frac, 1.0):4.0%} {elapsed:6.1f}s | {rate:9,.0f} samples/s | "
-            f"loss {loss_text} | workers [{bars}] {each:,.0f} steps/s each"
+            f"loss {loss_text} | workers [{bars}] {each:,.0f} steps/s each | stale {stale:.1f}"
         )
+        nonfinite = int(rows[:, COUNTER["nonfinite"]].sum())
+        restarts = int(rows[:, COUNTER["restarts"]].sum())
+        if nonfinite:
+            text += f" | {nonfinite} non-finite skipped"
+        if restarts:
+            text += f" | {restarts} restarts"
+        return text
 
     def _draw(self, text: str) -> None:
         if self.tty:

@@ -21,7 +21,9 @@ import json
 import multiprocessing
 import os
 import secrets
+import shutil
 import struct
+import tempfile
 import time
 from collections.abc import Mapping
 from multiprocessing import resource_tracker
@@ -270,13 +272,26 @@ COUNTER_FIELDS = (
     "heartbeat",  # time.time() of its last step
     "status",  # one of STATUS
     "epoch",  # passes over its shard completed
+    "batch",  # batches of the current epoch done (a restarted worker resumes there)
     "nonfinite",  # gradients with NaN/Inf it refused to apply
     "started",  # time.time() when its first step began
     "finished",  # time.time() when it left its loop (0 while running)
+    "staleness",  # staleness of its last update (updates by anyone since its read)
+    "staleness_sum",  # summed over its updates (mean = staleness_sum / steps)
+    "staleness_max",  # the largest
+    "lr",  # learning rate of its last update (schedule x attenuation)
+    "urgent",  # stale-first: its staleness while it waits to go first, else 0
+    "held_lock",  # 1 + index of the update lock it holds, 0 when none (see Policy.recover)
+    "held_slot",  # 1 while it holds a po2 gradient slot
+    "restarts",  # times the server restarted this rank
+    "pid",  # its process id (for inspect, and for tests that kill it)
 )
 COUNTER = {name: i for i, name in enumerate(COUNTER_FIELDS)}
 STATUS = {"starting": 0.0, "running": 1.0, "done": 2.0, "failed": 3.0}
-CONTROL_FIELDS = ("stop",)
+CONTROL_FIELDS = (
+    "stop",  # set by the server: every worker leaves at its next step
+    "base_version",  # updates made before this run (a resumed checkpoint's version)
+)
 CONTROL = {name: i for i, name in enumerate(CONTROL_FIELDS)}
 
 
@@ -365,8 +380,9 @@ class ParamStore(Segment):
         return int(self.counters.shape[0])
 
     def version(self) -> int:
-        """Global update count: the sum of the workers' step counters (no lock)."""
-        return int(self.counters[:, COUNTER["steps"]].sum())
+        """Global update count: a resumed run's base plus the sum of the workers'
+        step counters (no lock)."""
+        return int(self.control[CONTROL["base_version"]] + self.counters[:, COUNTER["steps"]].sum())
 
     def request_stop(self) -> None:
         self.control[CONTROL["stop"]] = 1
@@ -395,12 +411,19 @@ def list_segments() -> list[tuple[str, int | None, bool]]:
     return out
 
 
+TMP_PREFIX = "paramserver-"
+"""A server's private temporary directory is ``<tmp>/paramserver-<pid>-<random>``."""
+
+
 def sweep_stale() -> list[str]:
-    """Unlink this project's segments whose creator is dead; return their names.
+    """Unlink this project's segments (and private temporary directories) whose
+    creator is dead; return their names.
 
     A live creator's segments are never touched (a reused pid errs on the side
     of keeping a segment).
     """
+    import psutil
+
     removed = []
     for name, _pid, alive in list_segments():
         if alive:
@@ -412,4 +435,23 @@ def sweep_stale() -> list[str]:
             pass  # another process swept it first
         except PermissionError:
             pass  # another user's: /dev/shm is sticky, and theirs to remove
+    tmp = tempfile.gettempdir()
+    try:
+        entries = os.listdir(tmp)
+    except OSError:
+        entries = []
+    for entry in entries:
+        if not entry.startswith(TMP_PREFIX):
+            continue
+        pid_text = entry[len(TMP_PREFIX) :].split("-", 1)[0]
+        path = os.path.join(tmp, entry)
+        if not pid_text.isdigit() or psutil.pid_exists(int(pid_text)):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue  # another user's
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            pass
     return removed

@@ -8,10 +8,11 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 import torch
+from helpers import ConstantGrad
 
 import paramserver as ps
 from paramserver.data import epoch_orders
-from paramserver.models.numpy_models import NumpyMLP, NumpyModel
+from paramserver.models.numpy_models import NumpyMLP
 from paramserver.models.torch_models import MLP
 from paramserver.workers.backends import ModelSpec, TorchBackend
 
@@ -85,25 +86,6 @@ def test_one_torch_worker_equals_torch_optim_sgd(digits, policy):
 
 
 # -- lost updates -----------------------------------------------------------------------
-
-
-class ConstantGrad(NumpyModel):
-    """A model whose gradient is 1 everywhere, whatever the batch."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def shapes(self):
-        return {"w": (self.n,)}
-
-    def init(self, rng):
-        return {"w": np.zeros(self.n, np.float32)}
-
-    def forward(self, params, x):
-        return np.zeros((len(x), 2), np.float32), None
-
-    def backward(self, params, cache, dlogits, grads):
-        grads["w"][...] = 1.0
 
 
 def constant_run(policy: str, workers: int, steps: int, n: int = 200_000) -> np.ndarray:

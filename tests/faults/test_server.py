@@ -1,0 +1,142 @@
+"""Faults done to the server (the CLI process): SIGKILL, SIGTERM, SIGINT; bad input.
+Each test runs the real entry point in a subprocess and checks what it left behind."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+from helpers import config
+
+import paramserver as ps
+from paramserver.checkpoint import load_checkpoint
+from paramserver.models.numpy_models import NumpyMLP
+from paramserver.store import TMP_PREFIX, list_segments
+
+TRAIN = [sys.executable, "-m", "paramserver", "train", "--backend", "numpy", "--no-progress"]
+
+
+def start_training(out, *extra: str, new_session: bool = False) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [*TRAIN, "--epochs", "100000", "--out-dir", str(out), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=new_session,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any((d / "metrics.jsonl").stat().st_size for d in out.iterdir())):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"training did not start: {proc.communicate(timeout=10)}")
+        time.sleep(0.1)
+    return proc
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    return [
+        c for c in psutil.Process(pid).children()
+        if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
+    ]  # fmt: skip
+
+
+def tmp_dirs_of(pid: int) -> list[str]:
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"{TMP_PREFIX}{pid}-*"))
+
+
+def only_run_dir(out):
+    (d,) = list(out.iterdir())
+    return d
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_workers_exit_on_their_own_when_the_server_is_killed(tmp_path):
+    proc = start_training(tmp_path / "runs")
+    workers = workers_of(proc.pid)
+    assert len(workers) == 2
+    proc.kill()  # SIGKILL: no clean-up code of the server runs
+    finish(proc)
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, f"orphaned workers still running: {alive}"
+    # `paramserver clean` removes whatever the dead run left: segments and its private files.
+    out = subprocess.run(
+        [sys.executable, "-m", "paramserver", "clean"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
+    assert not tmp_dirs_of(proc.pid)
+
+
+def test_the_next_start_sweeps_what_a_killed_run_left(tmp_path):
+    # Kill the whole process group (server, workers, resource tracker), as an OOM kill
+    # of a container would: nothing of the run gets to clean up.
+    proc = start_training(tmp_path / "runs", new_session=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    finish(proc)
+    time.sleep(0.5)
+    left = [n for n, pid, _ in list_segments() if pid == proc.pid]
+    assert left, "the killed run left no segment behind: nothing to test"
+    assert tmp_dirs_of(proc.pid)
+    ps.train(NumpyMLP(64, 10, 8), ps.load_digits(), config(workers=1, steps=5))  # a new run sweeps
+    assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
+    assert not tmp_dirs_of(proc.pid)
+
+
+@pytest.mark.parametrize("sig, reason", [(signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupted")])
+def test_sigterm_and_sigint_stop_cleanly_and_write_a_checkpoint(tmp_path, sig, reason):
+    out = tmp_path / "runs"
+    proc = start_training(out)
+    workers = workers_of(proc.pid)
+    proc.send_signal(sig)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr
+    assert f"stopped by {reason}" in stdout
+    assert "Traceback" not in stderr
+    run = only_run_dir(out)
+    doc = json.loads((run / "results.json").read_text())
+    assert doc["result"]["stop_reason"] == reason
+    ckpt = load_checkpoint(str(run / "checkpoint.npz"))
+    assert ckpt.version == doc["result"]["version"] > 0
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive
+    assert not tmp_dirs_of(proc.pid)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "0"], "workers must be at least 1"),
+        (["--policy", "po9"], "invalid choice: 'po9'"),
+        (["--lr", "-1"], "lr must be positive"),
+        (["--attenuation", "exp", "--attenuation-base", "2"], "attenuation_base must be in"),
+        (["--lr-schedule", "cosine", "--lr-min", "5"], "lr_min must be in"),
+        (["--max-restarts", "-1"], "max_restarts must be >= 0"),
+        (["--checkpoint-every", "10", "--out-dir", ""], "set out_dir"),
+        (["--resume", "/nonexistent/checkpoint.npz"], "no checkpoint at"),
+        (["--data", "/nonexistent/data.npz"], "data"),
+        (["--on-nonfinite", "ignore"], "invalid choice: 'ignore'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
+    before = set(os.listdir("/dev/shm"))
+    out = subprocess.run(
+        [*TRAIN, "--out-dir", str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paramserver: error:"), out.stderr
+    assert message in lines[0]
+    assert set(os.listdir("/dev/shm")) <= before
