@@ -18,7 +18,9 @@ from typing import Any
 
 from paramserver.machine import machine_info, usable_cores
 
-SUITES = ("throughput", "overhead", "memory", "tta", "sparse")
+SUITES = ("throughput", "overhead", "memory", "tta", "sparse", "asynchrony")
+DEFAULT_SUITES = ("throughput", "overhead", "memory", "tta", "sparse")
+"""What ``paramserver bench`` runs when no suite is named (within 15 minutes on 2 cores)."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -29,7 +31,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class BenchConfig:
     """Which suites to run, how long, and where the results go."""
 
-    suites: str = _f(",".join(SUITES), f"comma-separated suites among {', '.join(SUITES)}")
+    suites: str = _f(",".join(DEFAULT_SUITES), f"comma-separated suites among {', '.join(SUITES)}")
     quick: bool = _f(False, "short measurements (under 2 minutes on 2 cores), for a smoke run")
     workers: str = _f("", "comma-separated worker counts; default 1, 2, 4 and powers of 2 up to the cores")
     repeats: int = _f(3, "repeats of each measurement (medians are reported); --quick uses 1")

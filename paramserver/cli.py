@@ -119,23 +119,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         cfg = meta.get("config", {})
         print(f"\npolicy {cfg.get('policy')}, optimizer {cfg.get('optimizer')}, lr {cfg.get('lr')}, "
               f"state slots {store.state.shape[0]}; global version {store.version()}")  # fmt: skip
-        fields = [f for f in COUNTER_FIELDS if f not in ("started", "finished")]
-        print("\nworker " + " ".join(f"{f:>14}" for f in fields))
+        columns = ("status", "steps", "samples", "epoch", "loss", "stale mean", "stale max", "lr",
+                   "nonfinite", "restarts", "heartbeat", "pid")  # fmt: skip
+        print("\nworker " + " ".join(f"{c:>11}" for c in columns))
         now = time.time()
         for rank, row in enumerate(store.counters.copy()):
-            values = dict(zip(COUNTER_FIELDS, row, strict=True))
-            cells = []
-            for f in fields:
-                v = values[f]
-                if f == "heartbeat":
-                    cells.append(f"{now - v:>13.1f}s" if v else f"{'-':>14}")
-                elif f == "status":
-                    cells.append(f"{_status_name(v):>14}")
-                elif f == "loss":
-                    cells.append(f"{v:>14.4f}")
-                else:
-                    cells.append(f"{int(v):>14}")
-            print(f"{rank:>6} " + " ".join(cells))
+            v = dict(zip(COUNTER_FIELDS, row, strict=True))
+            steps = v["steps"]
+            cells = [
+                _status_name(v["status"]), f"{int(steps)}", f"{int(v['samples'])}", f"{int(v['epoch'])}",
+                f"{v['loss']:.4f}", f"{v['staleness_sum'] / steps if steps else 0.0:.2f}",
+                f"{int(v['staleness_max'])}", f"{v['lr']:.3g}", f"{int(v['nonfinite'])}",
+                f"{int(v['restarts'])}", f"{max(0.0, now - v['heartbeat']):.1f}s" if v["heartbeat"] else "-",
+                f"{int(v['pid'])}",
+            ]  # fmt: skip
+            print(f"{rank:>6} " + " ".join(f"{c:>11}" for c in cells))
         return 0
     finally:
         store.close()
@@ -154,7 +152,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     for name in removed:
         print(f"removed {name}")
     live = [n for n, _, alive in list_segments() if alive]
-    print(f"removed {len(removed)} stale segment(s); {len(live)} of live runs left alone")
+    print(f"removed {len(removed)} stale item(s); {len(live)} segment(s) of live runs left alone")
     return 0
 
 

@@ -9,6 +9,7 @@ or segment exists.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,10 @@ class TrainConfig:
         need(
             not (self.checkpoint_every or self.checkpoint_seconds) or bool(self.out_dir),
             "checkpoints are written into the run's directory: set out_dir (--out-dir)",
+        )
+        need(
+            self.resume is None or os.path.exists(self.resume),
+            f"no checkpoint at {self.resume!r}; pass a checkpoint.npz written by a run (or its directory)",
         )
         self.attenuation_rule()  # validates the attenuation options
         self.lr_schedule_for(max(1, self.lr_total or self.steps or 1))  # and the schedule's

@@ -86,7 +86,6 @@ def test_the_next_start_sweeps_what_a_killed_run_left(tmp_path):
     proc = start_training(tmp_path / "runs", new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     finish(proc)
-    time.sleep(0.5)
     left = [n for n, pid, _ in list_segments() if pid == proc.pid]
     assert left, "the killed run left no segment behind: nothing to test"
     assert tmp_dirs_of(proc.pid)
@@ -131,12 +130,14 @@ def test_sigterm_and_sigint_stop_cleanly_and_write_a_checkpoint(tmp_path, sig, r
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
-    before = set(os.listdir("/dev/shm"))
-    out = subprocess.run(
-        [*TRAIN, "--out-dir", str(tmp_path / "runs"), *args], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("paramserver: error:"), out.stderr
+    proc = subprocess.Popen(
+        [*TRAIN, "--out-dir", str(tmp_path / "runs"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _, stderr = finish(proc, timeout=120)
+    assert proc.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paramserver: error:"), stderr
     assert message in lines[0]
-    assert set(os.listdir("/dev/shm")) <= before
+    assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
+    assert not tmp_dirs_of(proc.pid)
