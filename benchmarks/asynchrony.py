@@ -5,8 +5,10 @@
 Workers are oversubscribed (4x and 8x the usable cores) to provoke staleness:
 each worker's update lands after many others changed the parameters it read.
 For each setting (no control; ``exp`` attenuation; ``inverse`` attenuation;
-stale-first priority) ``paramserver.train`` runs the NumPy MLP on digits under
-po3 with SGD and momentum 0.9 until the test accuracy reaches the target; the
+stale-first priority) ``paramserver.train`` runs the NumPy MLP on the
+synthetic task of the tta suite (40,000 samples, 100 features, 10 classes; it
+levels off near 84%) under po3 with SGD and momentum 0.9 until the test
+accuracy reaches the target; the
 time to get there (from the first step), the updates it took and the measured
 staleness are recorded. Medians over repeats; ratios against no control at the
 same worker count, in the same run.
@@ -19,7 +21,7 @@ from typing import Any
 
 from .common import BenchConfig, Report, median
 
-TARGET = 0.96
+TARGET = 0.82
 BUDGET_SECONDS = 20.0
 EVAL_EVERY = 0.02
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -34,7 +36,9 @@ def time_to_accuracy(workers: int, setting: str, seed: int, budget: float) -> di
     import paramserver as ps
     from paramserver.models.numpy_models import NumpyMLP
 
-    data = ps.load_digits(seed=0)  # one split for every run; repeats vary init and order
+    from .tta import task_dataset
+
+    data = task_dataset("synthetic", 0)  # one split for every run; repeats vary init and order
     options = dict(SETTINGS[setting])
     if options.get("stale_first") == -1:
         options["stale_first"] = workers
@@ -43,7 +47,7 @@ def time_to_accuracy(workers: int, setting: str, seed: int, budget: float) -> di
         max_seconds=budget, target_accuracy=TARGET, eval_every=EVAL_EVERY, seed=seed,
         out_dir="", progress=False, **options,
     )  # fmt: skip
-    result = ps.train(NumpyMLP(64, 10, hidden=64), data, cfg)
+    result = ps.train(NumpyMLP(100, 10, hidden=64), data, cfg)
     reached = result.stop_reason == "target_accuracy"
     return {
         "workers": workers, "setting": setting, "seed": seed, "reached": reached,
@@ -84,7 +88,7 @@ def run(cfg: BenchConfig, report: Report) -> None:
             ])  # fmt: skip
     report.note(
         "asynchrony",
-        f"NumPy MLP on digits, po3, SGD lr 0.05 momentum 0.9, batch 32, {cores} cores: seconds and "
+        f"NumPy MLP on the synthetic task, po3, SGD lr 0.05 momentum 0.9, batch 32, {cores} cores: seconds and "
         f"updates from the first step to {TARGET:.0%} test accuracy (medians of the runs that reached "
         f"it within {budget:.0f} s); 'vs none' is the ratio to no control at the same worker count",
     )

@@ -366,7 +366,9 @@ class ParameterServer:
         if code is not None:
             if code == 0 and row[COUNTER["status"]] != STATUS["failed"]:
                 return None  # finished its share
-            if row[COUNTER["status"]] == STATUS["failed"]:
+            if row[COUNTER["status"]] == STATUS["failed"] or code == 1:
+                # Python's exit code for an uncaught exception (also one raised while the
+                # worker was starting): the same code would raise again.
                 return "raised an exception; its traceback is above", False
             if code < 0:
                 return f"killed by {signal.Signals(-code).name}", True
