@@ -88,7 +88,8 @@ def run(cfg: BenchConfig, report: Report) -> None:
             ])  # fmt: skip
     report.note(
         "asynchrony",
-        f"NumPy MLP on the synthetic task, po3, SGD lr 0.05 momentum 0.9, batch 32, {cores} cores: seconds and "
+        f"NumPy MLP on the synthetic task, po3, SGD lr 0.05 momentum 0.9, batch 32, {cores} cores: "
+        f"seconds and "
         f"updates from the first step to {TARGET:.0%} test accuracy (medians of the runs that reached "
         f"it within {budget:.0f} s); 'vs none' is the ratio to no control at the same worker count",
     )
