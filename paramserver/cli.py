@@ -9,7 +9,8 @@
     paramserver rl --evaluate runs/<run>/policy.pt      # a saved policy's mean return
 
 Options of ``train`` are generated from :class:`paramserver.config.TrainJob`,
-one per field, and those of ``rl`` from :class:`paramserver.rl.RLConfig`. A bad value is one line on stderr and exit code 2.
+one per field, and those of ``rl`` from :class:`paramserver.rl.RLConfig`.
+A bad value is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rl = sub.add_parser("rl", help="train an agent on a gymnasium environment (a3c or dqn) with N workers")
     _add_dataclass_options(rl, RLConfig)
-    rl.add_argument("--evaluate", metavar="PATH", help="run the policy saved at PATH for --eval-episodes episodes")
+    rl.add_argument(
+        "--evaluate", metavar="PATH", help="run the policy saved at PATH for --eval-episodes episodes"
+    )
     bench = sub.add_parser("bench", help="benchmark suites against the peers, side by side")
     _add_dataclass_options(bench, BenchConfig)
     return parser
@@ -101,20 +104,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
-    from .rl import RLConfig, evaluate, train_rl
+    from .rl import RLConfig, evaluate, inspect_env, train_rl
 
     config = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     try:
         import gymnasium  # noqa: F401
         import torch  # noqa: F401
     except ImportError as e:
-        raise UsageError(f"paramserver rl needs PyTorch and gymnasium ({e}): pip install 'paramserver[torch,rl]'") from None
+        raise UsageError(
+            f"paramserver rl needs PyTorch and gymnasium ({e}): pip install 'paramserver[torch,rl]'"
+        ) from None
     if args.evaluate:
         env = config.env if config.env != RLConfig.env else None  # default: the env it was trained on
         print(evaluate(args.evaluate, config.eval_episodes, env=env, seed=config.seed).summary())
         return 0
-    print(f"paramserver: {config.algo} on {config.env}; {config.workers} workers x {config.envs_per_worker} envs, "
-          f"{config.policy}, {config.optimizer} lr {config.lr}", file=sys.stderr)  # fmt: skip
+    inspect_env(config.env, config.algo)  # a bad environment is one line, before any banner
+    print(f"paramserver: {config.algo} on {config.env}; {config.workers} workers x "
+          f"{config.envs_per_worker} envs, {config.policy}, {config.optimizer} lr {config.lr}",
+          file=sys.stderr)  # fmt: skip
     result = train_rl(config)
     print(result.summary())
     return 0

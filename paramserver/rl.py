@@ -72,7 +72,9 @@ ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
 class RLConfig:
     """How to train an agent: algorithm, environment, workers, update rule, budget, output."""
 
-    algo: str = _f("a3c", "algorithm: a3c (actor-critic, n-step returns) or dqn (replay pools)", choices=ALGOS)
+    algo: str = _f(
+        "a3c", "algorithm: a3c (actor-critic, n-step returns) or dqn (replay pools)", choices=ALGOS
+    )
     env: str = _f("CartPole-v1", "gymnasium environment id (discrete actions, vector observations)")
     workers: int = _f(2, "worker processes, each with its own environments")
     envs_per_worker: int = _f(4, "environments each worker steps in lockstep (one batched forward pass)")
@@ -88,20 +90,30 @@ class RLConfig:
     shared_state: bool = _f(True, "keep optimizer state in shared memory (A3C's shared RMSProp)")
     gamma: float = _f(0.99, "discount factor")
     hidden: int | None = _f(None, "hidden units per layer; default 64 for a3c, 128 for dqn")
-    max_grad_norm: float | None = _f(None, "clip each gradient to this L2 norm; default 0.5 a3c, 10 dqn; 0 = off")
+    max_grad_norm: float | None = _f(
+        None, "clip each gradient to this L2 norm; default 0.5 a3c, 10 dqn; 0 = off"
+    )
     n_steps: int = _f(8, "a3c: steps per environment in each rollout (n-step returns)")
-    entropy_coef: float = _f(0.01, "a3c: weight of the entropy bonus")
+    entropy_coef: float = _f(
+        0.001, "a3c: weight of the entropy bonus (larger explores more; CartPole needs little)"
+    )
     value_coef: float = _f(0.5, "a3c: weight of the value loss")
     pool_size: int = _f(50_000, "dqn: transitions in each worker's replay pool")
     batch_size: int = _f(64, "dqn: transitions per update, sampled from the worker's own pool")
     learning_starts: int = _f(1_000, "dqn: transitions a worker collects before its first update")
     train_every: int = _f(1, "dqn: environment steps (of all its envs) between a worker's updates")
-    update_steps: int = _f(100, "dqn: a worker refreshes its target network from the shared params every this many of its updates")
+    update_steps: int = _f(
+        100,
+        "dqn: a worker refreshes its target network from the shared params every this many of its updates",
+    )
     eps_start: float = _f(1.0, "dqn: initial exploration rate (epsilon-greedy)")
     eps_end: float = _f(0.02, "dqn: final exploration rate")
     eps_decay_steps: int = _f(10_000, "dqn: environment steps per worker over which epsilon decays linearly")
     double_dqn: bool = _f(True, "dqn: pick the next action with the online network (double DQN)")
-    target_return: float | None = _f(None, "stop when the mean return of the last 100 episodes reaches this; default: the env's reward_threshold")
+    target_return: float | None = _f(
+        None,
+        "stop when the mean return of the last `window` episodes reaches this; default: reward_threshold",
+    )
     window: int = _f(100, "episodes (all workers together) in the mean return the target is checked on")
     max_steps: int = _f(0, "environment steps across workers; 0 = no limit")
     max_seconds: float = _f(0.0, "wall-time budget for training in seconds; 0 = none")
@@ -282,7 +294,11 @@ class RLResult:
 
     def summary(self) -> str:
         mean = "n/a" if self.mean_return is None else f"{self.mean_return:.1f}"
-        target = "" if self.target_return is None else f" (target {self.target_return:g}: {'solved' if self.solved else 'not reached'})"
+        target = (
+            ""
+            if self.target_return is None
+            else f" (target {self.target_return:g}: {'solved' if self.solved else 'not reached'})"
+        )
         out = (
             f"{self.algo} on {self.env}: stopped by {self.stop_reason}; mean return {mean} over the "
             f"last episodes{target}; {self.episodes} episodes, {self.env_steps} steps, "
@@ -384,7 +400,12 @@ class RLServer:
 
     def model_args(self) -> dict[str, Any]:
         cfg = self.config
-        return {"algo": cfg.algo, "obs_dim": self.info.obs_dim, "n_actions": self.info.n_actions, "hidden": cfg.hidden}
+        return {
+            "algo": cfg.algo,
+            "obs_dim": self.info.obs_dim,
+            "n_actions": self.info.n_actions,
+            "hidden": cfg.hidden,
+        }
 
     def start(self) -> None:
         import torch
@@ -424,7 +445,17 @@ class RLServer:
             placement = Placement(mine if pin else None, cfg.threads, steps, os.getpid())
             p = ctx.Process(
                 target=rl_worker_main,
-                args=(rank, self.store, self.episodes, self.policy, self.start_barrier, cfg, self.env, self.model_args(), placement),
+                args=(
+                    rank,
+                    self.store,
+                    self.episodes,
+                    self.policy,
+                    self.start_barrier,
+                    cfg,
+                    self.env,
+                    self.model_args(),
+                    placement,
+                ),
                 name=f"paramserver-rl-worker-{rank}",
                 daemon=True,  # never outlive the server
             )
@@ -528,7 +559,10 @@ class RLServer:
                     if stop:
                         break
                 now = time.time()
-                progress.episodes, progress.mean = episodes_total, (float(np.mean(recent)) if recent else None)
+                progress.episodes, progress.mean = (
+                    episodes_total,
+                    (float(np.mean(recent)) if recent else None),
+                )
                 progress.update(now - t0, rows, None)
                 if stop:
                     break
@@ -581,7 +615,7 @@ class RLServer:
         with open(os.path.join(self.run_dir, "results.json"), "w") as f:
             json.dump(doc, f, indent=2, default=_json_default)
             f.write("\n")
-        plot_curve(result, os.path.join(self.run_dir, "reward_curve.png"))
+        plot_curve(result, os.path.join(self.run_dir, "reward_curve.png"), self.config.window)
 
 
 class _RLProgress(Progress):
@@ -637,7 +671,7 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def plot_curve(result: RLResult, path: str) -> None:
+def plot_curve(result: RLResult, path: str, window: int = 100) -> None:
     """Mean return of the last episodes against wall time, with the target."""
     import matplotlib
 
@@ -647,7 +681,7 @@ def plot_curve(result: RLResult, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if result.curve:
         t, mean = zip(*result.curve, strict=True)
-        ax.plot(t, mean, label=f"mean return, last {len(result.curve) and 'window'} episodes".replace("window", "100"))
+        ax.plot(t, mean, label=f"mean return of the last {window} episodes")
     if result.target_return is not None:
         ax.axhline(result.target_return, color="k", ls="--", lw=1, label=f"target {result.target_return:g}")
     ax.set_xlabel("seconds since the first step")
