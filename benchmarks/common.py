@@ -18,9 +18,10 @@ from typing import Any
 
 from paramserver.machine import machine_info, usable_cores
 
-SUITES = ("throughput", "overhead", "memory", "tta", "sparse", "asynchrony")
-DEFAULT_SUITES = ("throughput", "overhead", "memory", "tta", "sparse")
-"""What ``paramserver bench`` runs when no suite is named (within 15 minutes on 2 cores)."""
+SUITES = ("throughput", "overhead", "memory", "tta", "sparse")
+"""The default suites (a full run of them takes about 15 minutes on 2 cores)."""
+EXTRA_SUITES = ("asynchrony", "rl")
+"""Run only when named (--suites asynchrony,rl): they take minutes of their own."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -31,7 +32,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class BenchConfig:
     """Which suites to run, how long, and where the results go."""
 
-    suites: str = _f(",".join(DEFAULT_SUITES), f"comma-separated suites among {', '.join(SUITES)}")
+    suites: str = _f(",".join(SUITES), f"comma-separated suites among {', '.join(SUITES + EXTRA_SUITES)}")
     quick: bool = _f(False, "short measurements (under 2 minutes on 2 cores), for a smoke run")
     workers: str = _f("", "comma-separated worker counts; default 1, 2, 4 and powers of 2 up to the cores")
     repeats: int = _f(3, "repeats of each measurement (medians are reported); --quick uses 1")
@@ -40,9 +41,11 @@ class BenchConfig:
     seed: int = _f(0, "random seed")
 
     def __post_init__(self) -> None:
-        unknown = set(self.suite_list) - set(SUITES)
+        unknown = set(self.suite_list) - set(SUITES + EXTRA_SUITES)
         if unknown:
-            raise ValueError(f"unknown suites {sorted(unknown)}; choose among {', '.join(SUITES)}")
+            raise ValueError(
+                f"unknown suites {sorted(unknown)}; choose among {', '.join(SUITES + EXTRA_SUITES)}"
+            )
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {self.repeats}")
         if self.seconds <= 0:

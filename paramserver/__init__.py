@@ -3,6 +3,8 @@
 One server process owns a model's parameters in shared memory; N worker
 processes read them in place, compute gradients (PyTorch or NumPy) and write
 updates back, lock-free or under a locking policy (po1, po2, po3, striped).
+Reinforcement learning on gymnasium (A3C, DQN) shares an agent the same way:
+``paramserver.train_rl`` (:mod:`paramserver.rl`).
 """
 
 from .api import train
@@ -11,11 +13,14 @@ from .data import Dataset, load, load_digits, make_dataset
 from .layout import Layout
 from .optim import RULES, make_rule
 from .policy import POLICIES, make_policy
+from .rl import RLConfig, RLResult, train_rl  # imports neither torch nor gymnasium
 from .server import ParameterServer, TrainResult, WorkerError
 from .store import ParamStore, Segment, SegmentError
 
 __all__ = [
     "POLICIES",
+    "RLConfig",
+    "RLResult",
     "RULES",
     "Dataset",
     "Layout",
@@ -33,5 +38,6 @@ __all__ = [
     "make_policy",
     "make_rule",
     "train",
+    "train_rl",
 ]
 __version__ = "0.1.0"

@@ -1,13 +1,16 @@
-"""The command line: ``paramserver train | inspect | clean | bench``.
+"""The command line: ``paramserver train | rl | inspect | clean | bench``.
 
     paramserver train --workers 2 --policy po3          # digits, torch MLP
     paramserver inspect                                 # live segments
     paramserver inspect psrv_1234_0123abcd              # layout and counters of one
     paramserver clean                                   # remove segments of dead runs
     paramserver bench --quick                           # benchmark suites (paramserver.benchmarks)
+    paramserver rl --algo a3c --env CartPole-v1         # reinforcement learning (paramserver.rl)
+    paramserver rl --evaluate runs/<run>/policy.pt      # a saved policy's mean return
 
 Options of ``train`` are generated from :class:`paramserver.config.TrainJob`,
-one per field. A bad value is one line on stderr and exit code 2.
+one per field, and those of ``rl`` from :class:`paramserver.rl.RLConfig`.
+A bad value is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("clean", help="remove segments left behind by runs whose server is dead")
     from paramserver.benchmarks.common import BenchConfig
 
+    from .rl import RLConfig
+
+    rl = sub.add_parser("rl", help="train an agent on a gymnasium environment (a3c or dqn) with N workers")
+    _add_dataclass_options(rl, RLConfig)
+    rl.add_argument(
+        "--evaluate", metavar="PATH", help="run the policy saved at PATH for --eval-episodes episodes"
+    )
     bench = sub.add_parser("bench", help="benchmark suites against the peers, side by side")
     _add_dataclass_options(bench, BenchConfig)
     return parser
@@ -89,6 +99,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     config = dataclasses.replace(job)  # a TrainJob is a TrainConfig
     result = train(model, dataset, config)
+    print(result.summary())
+    return 0
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from .rl import RLConfig, evaluate, inspect_env, train_rl
+
+    config = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
+    try:
+        import gymnasium  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise UsageError(
+            f"paramserver rl needs PyTorch and gymnasium ({e}): pip install 'paramserver[torch,rl]'"
+        ) from None
+    if args.evaluate:
+        env = config.env if config.env != RLConfig.env else None  # default: the env it was trained on
+        print(evaluate(args.evaluate, config.eval_episodes, env=env, seed=config.seed).summary())
+        return 0
+    inspect_env(config.env, config.algo)  # a bad environment is one line, before any banner
+    print(f"paramserver: {config.algo} on {config.env}; {config.workers} workers x "
+          f"{config.envs_per_worker} envs, {config.policy}, {config.optimizer} lr {config.lr}",
+          file=sys.stderr)  # fmt: skip
+    result = train_rl(config)
     print(result.summary())
     return 0
 
@@ -164,7 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "clean": cmd_clean, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "rl": cmd_rl, "inspect": cmd_inspect, "clean": cmd_clean, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
