@@ -1,8 +1,9 @@
 """paramserver: a Hogwild-style shared-memory parameter server.
 
 One server process owns a model's parameters in shared memory; N worker
-processes read them in place, compute gradients (PyTorch or NumPy) and write
-updates back, lock-free or under a locking policy (po1, po2, po3, striped).
+processes read them in place, compute gradients (PyTorch, TensorFlow or
+NumPy) and write updates back, lock-free or under a locking policy (po1, po2,
+po3, striped).
 """
 
 from .api import train
@@ -13,11 +14,13 @@ from .optim import RULES, make_rule
 from .policy import POLICIES, make_policy
 from .server import ParameterServer, TrainResult, WorkerError
 from .store import ParamStore, Segment, SegmentError
+from .workers.tf_backend import KerasModel  # TensorFlow itself is imported only when used
 
 __all__ = [
     "POLICIES",
     "RULES",
     "Dataset",
+    "KerasModel",
     "Layout",
     "ParamStore",
     "ParameterServer",
