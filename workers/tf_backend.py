@@ -52,7 +52,11 @@ CALIBRATION_SAMPLES = 1024
 """Training samples the server's copy uses to re-estimate batch-norm statistics."""
 GRADIENT_IN_FORWARD = ("po3", "striped")
 """Policies that compute the gradient in parallel: ``forward`` computes it too."""
-_TF_LOG_NOISE = ("WARNING: All log messages before absl::InitializeLog()", "I0000 ")
+_TF_LOG_NOISE = (
+    "WARNING: All log messages before absl::InitializeLog()",
+    "I0000 ",
+    "To enable the following instructions:",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,6 +77,11 @@ class KerasModel:
     """Training inputs for the server's copy to re-estimate batch-norm statistics (set from the data)."""
 
     def __post_init__(self) -> None:
+        if looks_like_tf_model(self.factory):
+            raise TypeError(
+                "KerasModel takes a factory that builds the model, not the model: "
+                "KerasModel(build) where build() returns it"
+            )
         if not callable(self.factory):
             raise TypeError(
                 "KerasModel needs a factory, a callable that builds the model; "
@@ -275,7 +284,7 @@ class _Graphs:
         self._pull(flat)
         # The gradient pass in backward() updates the batch-norm statistics; this pass
         # must not update them a second time with the same batch.
-        saved = [v.read_value() for v in self.non_trainable]
+        saved = [self.tf.convert_to_tensor(v) for v in self.non_trainable]
         loss = self.loss_fn(y, self._call(x, training=True))
         for v, s in zip(self.non_trainable, saved, strict=True):
             v.assign(s)
