@@ -18,7 +18,9 @@ from typing import Any
 
 from paramserver.machine import machine_info, usable_cores
 
-SUITES = ("throughput", "overhead", "memory", "tta", "sparse")
+SUITES = ("throughput", "overhead", "memory", "tta", "sparse", "tf")
+SUITE_MODULES = {"tf": "tf_throughput"}
+"""Suites whose module is not named after them."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

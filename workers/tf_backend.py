@@ -92,14 +92,15 @@ class KerasModel:
 def import_tf() -> Any:
     """TensorFlow, imported quietly; a clear message if it is not installed.
 
-    Its C++ start-up lines (oneDNN notices) go to file descriptor 2 before any
-    log level applies; they are held back unless the import fails.
+    Its C++ start-up lines (oneDNN and CPU-feature notices) go to file
+    descriptor 2 before any log level applies; they are held back unless the
+    import fails (see ``quiet_stderr``).
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             import tensorflow as tf
     except ImportError:
         raise ImportError("the tf backend needs TensorFlow: pip install 'paramserver[tf]'") from None
@@ -107,7 +108,9 @@ def import_tf() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
+def quiet_stderr() -> Iterator[None]:
+    """Hold back TensorFlow's start-up notices (at import and when its runtime starts);
+    every other line written to stderr meanwhile is passed on, all of them on error."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
@@ -132,6 +135,8 @@ def set_threads_and_seed(threads: int, seed: int) -> None:
     tf = import_tf()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    with quiet_stderr():
+        tf.config.list_logical_devices()  # starts the runtime, with these pools
     import keras
 
     keras.utils.set_random_seed(seed)  # dropout masks; initial values come from the server
@@ -187,7 +192,8 @@ def model_spec(
     """Build the model once in this process: the spec the workers rebuild it from, its
     layout (its trainable variables, in the model's order) and its initial values."""
     km = replace(km, input_shape=tuple(input_shape), calibration=x_train[:CALIBRATION_SAMPLES].copy())
-    model = _build(km)
+    with quiet_stderr():  # the first TensorFlow op of this process may start its runtime
+        model = _build(km)
     variables = list(model.trainable_variables)
     dtypes = {_dtype(v).name for v in variables}
     if dtypes != {"float32"}:
