@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import time
 
-from .common import BenchConfig, Report
+from .common import SUITE_MODULES, BenchConfig, Report
 
 
 def run(cfg: BenchConfig) -> Report:
@@ -16,7 +16,7 @@ def run(cfg: BenchConfig) -> Report:
     for suite in cfg.suite_list:
         t = time.perf_counter()
         print(f"== {suite}", flush=True)
-        module = importlib.import_module(f"paramserver.benchmarks.{suite}")
+        module = importlib.import_module(f"paramserver.benchmarks.{SUITE_MODULES.get(suite, suite)}")
         module.run(cfg, report)
         report.note(suite, f"suite time {time.perf_counter() - t:.0f} s")
         report.save()  # what is measured survives a later suite's failure

@@ -1,18 +1,27 @@
 """Ready models for the CLI and the benchmarks, chosen by backend and name.
 
-PyTorch models live in ``torch_models`` (imported only when asked for, so that
-NumPy users never pay for importing torch); NumPy models in ``numpy_models``.
+PyTorch models live in ``torch_models`` and Keras models in ``tf_models``
+(each imported only when asked for, so that nobody pays for importing a
+framework they do not use); NumPy models in ``numpy_models``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-MODELS = {"torch": ("mlp", "cnn"), "numpy": ("mlp", "softmax")}
+MODELS = {"torch": ("mlp", "cnn"), "tf": ("mlp", "cnn"), "numpy": ("mlp", "softmax")}
 
 
 def build_model(backend: str, name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64) -> Any:
-    """The model ``name`` of ``backend`` for inputs of ``input_shape``."""
+    """The model ``name`` of ``backend`` for inputs of ``input_shape`` (for tf: a
+    ``KerasModel``, the factory each worker builds the model with)."""
+    if backend == "tf":
+        from paramserver.workers.tf_backend import KerasModel, import_tf
+
+        import_tf()  # quietly, and with a clear message if it is missing
+        from .tf_models import build as tf_build
+
+        return KerasModel(tf_build(name, input_shape, classes, hidden))
     if backend == "torch":
         from .torch_models import build
     elif backend == "numpy":

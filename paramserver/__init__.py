@@ -1,10 +1,10 @@
 """paramserver: a Hogwild-style shared-memory parameter server.
 
 One server process owns a model's parameters in shared memory; N worker
-processes read them in place, compute gradients (PyTorch or NumPy) and write
-updates back, lock-free or under a locking policy (po1, po2, po3, striped).
-Reinforcement learning on gymnasium (A3C, DQN) shares an agent the same way:
-``paramserver.train_rl`` (:mod:`paramserver.rl`).
+processes read them in place, compute gradients (PyTorch, TensorFlow or
+NumPy) and write updates back, lock-free or under a locking policy (po1, po2,
+po3, striped). Reinforcement learning on gymnasium (A3C, DQN) shares an agent
+the same way: ``paramserver.train_rl`` (:mod:`paramserver.rl`).
 """
 
 from .api import train
@@ -16,6 +16,7 @@ from .policy import POLICIES, make_policy
 from .rl import RLConfig, RLResult, train_rl  # imports neither torch nor gymnasium
 from .server import ParameterServer, TrainResult, WorkerError
 from .store import ParamStore, Segment, SegmentError
+from .workers.tf_backend import KerasModel  # TensorFlow itself is imported only when used
 
 __all__ = [
     "POLICIES",
@@ -23,6 +24,7 @@ __all__ = [
     "RLResult",
     "RULES",
     "Dataset",
+    "KerasModel",
     "Layout",
     "ParamStore",
     "ParameterServer",

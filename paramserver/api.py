@@ -30,11 +30,28 @@ def _as_dataset(data: Any, seed: int) -> Dataset:
     )
 
 
-def _model_spec(model: Any, loss: Callable[..., Any] | None, seed: int) -> tuple[Any, Layout, np.ndarray]:
-    """The spec workers rebuild the model from, its layout and its initial flat vector."""
+def _model_spec(
+    model: Any, loss: Callable[..., Any] | None, seed: int, data: Dataset | None = None
+) -> tuple[Any, Layout, np.ndarray]:
+    """The spec workers rebuild the model from, its layout and its initial flat vector.
+
+    A ``KerasModel`` is built once here (TensorFlow is imported then, never by
+    ``import paramserver``); ``data`` gives its input shape and a sample for
+    batch-norm statistics.
+    """
     from paramserver.models.numpy_models import NumpyModel
+    from paramserver.workers import tf_backend
     from paramserver.workers.backends import ModelSpec
 
+    if isinstance(model, tf_backend.KerasModel):
+        if data is None:
+            raise ValueError("a KerasModel needs the data set (its input shape) to be built")
+        return tf_backend.model_spec(model, loss, data.input_shape, data.x_train)
+    if tf_backend.looks_like_tf_model(model):
+        raise TypeError(
+            f"pass TensorFlow models as paramserver.KerasModel(factory), where factory() builds "
+            f"the model in each worker; got a built {type(model).__name__}"
+        )
     if isinstance(model, NumpyModel):
         if loss is not None:
             raise ValueError("NumPy models have a built-in softmax cross-entropy; do not pass loss")
@@ -62,8 +79,8 @@ def _model_spec(model: Any, loss: Callable[..., Any] | None, seed: int) -> tuple
             ) from None
         return ModelSpec("torch", payload, loss), layout, init
     raise TypeError(
-        f"model must be a torch.nn.Module or a paramserver.models.numpy_models.NumpyModel, "
-        f"got {type(model).__name__}"
+        f"model must be a torch.nn.Module, a paramserver.KerasModel or a "
+        f"paramserver.models.numpy_models.NumpyModel, got {type(model).__name__}"
     )
 
 
@@ -78,17 +95,28 @@ def train(
     """Train ``model`` on ``data`` with ``config.workers`` processes; return the result.
 
     ``model``: a ``torch.nn.Module`` (its trained parameters are copied back into
-    it) or a NumPy model from ``paramserver.models.numpy_models``.
+    it), a :class:`paramserver.KerasModel` (a factory of a Keras model or
+    ``tf.Module``; ``result.model`` is then a model built with the trained
+    values) or a NumPy model from ``paramserver.models.numpy_models``.
     ``data``: a :class:`Dataset`, ``(x, y)`` (a test split is held out) or
     ``(x, y, x_test, y_test)``. ``loss``: a picklable ``loss(logits, labels)``
-    for torch models (default cross-entropy). ``callback``: called by the
+    for torch models (default cross-entropy), ``loss(labels, logits)`` as in
+    Keras for tf (default sparse categorical cross-entropy from logits). ``callback``: called by the
     server a few times a second with progress figures; returning True stops the run.
     """
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a paramserver.TrainConfig, got {type(config).__name__}")
     dataset = _as_dataset(data, config.seed)
-    spec, layout, init = _model_spec(model, loss, config.seed)
+    spec, layout, init = _model_spec(model, loss, config.seed, dataset)
+    if config.device_list:
+        if spec.backend != "tf":
+            raise ValueError(
+                f"devices apply to the tf backend only; the {spec.backend} model runs on the CPU"
+            )
+        from paramserver.workers.tf_backend import check_devices
+
+        check_devices(config.device_list)
     with ParameterServer(spec, layout, init, dataset, config, callback=callback) as server:
         result = server.run()
     if spec.backend == "torch":
@@ -99,4 +127,8 @@ def train(
                 if name in result.params:
                     p.copy_(torch.from_numpy(result.params[name]))
     result.model = model
+    if spec.backend == "tf":
+        from paramserver.workers.backends import make_backend
+
+        result.model = make_backend(spec, layout, layout.flatten(result.params)).trained_model()
     return result

@@ -90,6 +90,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ImportError:
             raise UsageError("--backend torch needs PyTorch: pip install 'paramserver[torch]'") from None
         torch.manual_seed(job.seed)  # the initial parameters
+    if job.backend == "tf":
+        from paramserver.workers.tf_backend import import_tf
+
+        try:
+            import_tf()
+        except ImportError as e:
+            raise UsageError(f"--backend tf: {e}") from None
+        import keras
+
+        keras.utils.set_random_seed(job.seed)  # the initial parameters
     dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
     model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden)
     print(

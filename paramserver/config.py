@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,10 @@ from .asynchrony import ATTENUATIONS, LR_SCHEDULES, Attenuation, LRSchedule
 from .optim import RULES, UpdateRule, make_rule
 from .policy import POLICIES
 
-BACKENDS = ("torch", "numpy")
+BACKENDS = ("torch", "tf", "numpy")
 PIN_CHOICES = ("auto", "on", "off")
 NONFINITE_CHOICES = ("skip", "stop")
+_DEVICE = re.compile(r"/?(device:)?(cpu|gpu|tpu)(:\d+)?", re.IGNORECASE)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -82,6 +84,9 @@ class TrainConfig:
     pin: str = _f("auto", "pin each worker to a core (auto: when workers <= cores)", choices=PIN_CHOICES)
     nice: int = _f(0, "niceness for workers (0 = unchanged; negative needs privileges)")
     threads: int = _f(0, "threads per worker; 0 = usable cores // workers, at least 1")
+    devices: str = _f(
+        "", "tf: comma-separated devices, worker r runs on the (r mod count)-th (e.g. /GPU:0,/GPU:1)"
+    )
     seed: int = _f(0, "random seed; worker r uses seed + r")
     out_dir: str = _f("runs", "directory for results; each run writes a new subdirectory")
     progress: bool = _f(True, "show a live progress line on stderr")
@@ -151,6 +156,17 @@ class TrainConfig:
         )
         need(-20 <= self.nice <= 19, f"nice must be in [-20, 19], got {self.nice}")
         need(self.threads >= 0, f"threads must be >= 0 (0 = auto), got {self.threads}")
+        bad = [d for d in self.device_list if not _DEVICE.fullmatch(d)]
+        need(not bad, f"devices must be TensorFlow device names such as /CPU:0 or /GPU:1, got {bad}")
+
+    @property
+    def device_list(self) -> list[str]:
+        return [d.strip() for d in self.devices.split(",") if d.strip()]
+
+    def device_of(self, rank: int) -> str | None:
+        """The device of worker ``rank`` (None: the framework's default)."""
+        devices = self.device_list
+        return devices[rank % len(devices)] if devices else None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -182,7 +198,7 @@ class TrainJob(TrainConfig):
     """A training job from the command line: what to train on what, then how."""
 
     backend: str = _f("torch", "framework computing the gradients", choices=BACKENDS)
-    model: str = _f("mlp", "model from paramserver.models (torch: mlp, cnn; numpy: mlp, softmax)")
+    model: str = _f("mlp", "model from paramserver.models (torch, tf: mlp, cnn; numpy: mlp, softmax)")
     hidden: int = _f(64, "hidden units per layer for mlp models")
     data: str = _f("digits", "'digits' (scikit-learn's bundled 8x8 digits) or a .npz path with x, y")
     test_fraction: float = _f(0.2, "held-out fraction for the test split (when the data has none)")

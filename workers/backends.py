@@ -27,9 +27,11 @@ class ModelSpec:
     """What a worker needs to rebuild the model: sent once, when the worker starts.
 
     ``payload`` is the pickled ``torch.nn.Module`` for torch (its parameter
-    values are not used: they are replaced by views of the segment) or the
-    ``NumpyModel`` itself. ``loss`` is a picklable ``loss(logits, labels)``
-    (torch; default cross-entropy).
+    values are not used: they are replaced by views of the segment), the
+    pickled ``KerasModel`` (a factory) for tf, or the ``NumpyModel`` itself.
+    ``loss`` is a picklable ``loss(logits, labels)`` for torch (default
+    cross-entropy), ``loss(labels, logits)`` as in Keras for tf (default sparse
+    categorical cross-entropy from logits).
     """
 
     backend: str
@@ -162,13 +164,28 @@ class NumpyBackend(Backend):
 
 
 def make_backend(
-    spec: ModelSpec, layout: Layout, params: np.ndarray, grad: np.ndarray | None = None
+    spec: ModelSpec,
+    layout: Layout,
+    params: np.ndarray,
+    grad: np.ndarray | None = None,
+    *,
+    config: Any = None,
+    rank: int = 0,
 ) -> Backend:
+    """The backend of ``spec``; a worker passes its ``config`` and ``rank`` (the tf backend
+    takes its device and when to compute the gradient from them)."""
+    if spec.backend == "tf":
+        from .tf_backend import GRADIENT_IN_FORWARD, TFBackend
+
+        if config is None:
+            return TFBackend(spec, layout, params, grad)
+        fused = config.policy in GRADIENT_IN_FORWARD
+        return TFBackend(spec, layout, params, grad, device=config.device_of(rank), fused=fused)
     if spec.backend == "torch":
         return TorchBackend(spec, layout, params, grad)
     if spec.backend == "numpy":
         return NumpyBackend(spec, layout, params, grad)
-    raise ValueError(f"unknown backend {spec.backend!r}; choose one of torch, numpy")
+    raise ValueError(f"unknown backend {spec.backend!r}; choose one of torch, tf, numpy")
 
 
 def set_threads_and_seed(backend: str, threads: int, seed: int) -> None:
@@ -183,3 +200,7 @@ def set_threads_and_seed(backend: str, threads: int, seed: int) -> None:
             torch.set_num_interop_threads(1)
         except RuntimeError:  # already set, or work already ran in this process
             pass
+    elif backend == "tf":
+        from .tf_backend import set_threads_and_seed as tf_threads_and_seed
+
+        tf_threads_and_seed(threads, seed)

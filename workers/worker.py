@@ -167,7 +167,7 @@ def _train(
     assert state.shape[0] == rule.state_slots, "segment has the wrong number of state slots"
     grad = np.zeros_like(params)
     update = Updater(rule, params, grad, state, config.lr)
-    backend = make_backend(spec, layout, params, grad)
+    backend = make_backend(spec, layout, params, grad, config=config, rank=plan.rank)
     schedule = config.lr_schedule_for(max(1, plan.total_updates))
     attenuation = config.attenuation_rule()
 
