@@ -11,7 +11,8 @@ samples all of them process in ``cfg.run_seconds``.
 * ``single``: one process, a compiled Keras training step (``tf.function``
   with ``GradientTape`` and ``keras.optimizers.SGD``), at each thread count
   from 1 to the cores; the best is the baseline;
-* ``paramserver-<policy>``: this project with N TF workers.
+* ``paramserver-<policy>``: this project with N TF workers (by default N up
+  to the cores; ``--quick``: 2 workers, po3, the CNN only).
 
 The pull is timed inside the single process at 1 thread (best of repeats):
 the step as the workers run it (pull in the compiled step), the same step
@@ -194,7 +195,11 @@ def run(cfg: BenchConfig, report: Report) -> None:
         report.note(SUITE, f"skipped: {e}")
         return
     cores = len(os.sched_getaffinity(0))
-    counts = [2] if cfg.quick and not cfg.workers else cfg.worker_counts
+    # By default up to the cores: more TF workers than cores only measure oversubscription,
+    # and each one pays TensorFlow's start-up (--workers measures any count).
+    counts = cfg.worker_counts if cfg.workers else [c for c in cfg.worker_counts if c <= cores] or [1]
+    if cfg.quick and not cfg.workers:
+        counts = [2]
     tasks = ["cnn"] if cfg.quick else ["cnn", "mlp"]
     for task in tasks:
         policies = ["po3"] if cfg.quick or task == "mlp" else ["po3", "striped"]
