@@ -5,9 +5,10 @@ TensorFlow variables cannot alias foreign memory, so each step begins with a
 *pull*: the shared parameters are copied into the worker's variables. The pull
 runs inside the same compiled ``tf.function`` as the step itself, from the
 flat vector passed as its argument (one slice-and-assign per variable, in the
-graph). Measured on the MLP and the Hogwild CNN, that is within noise of no
-pull at all, while ``Variable.assign`` from NumPy views costs one eager
-dispatch per variable (0.6 ms for the MLP's 4, 1.4 ms for the CNN's 8). A
+graph). Measured (``paramserver bench --suites tf``, 1 thread), that adds
+about 0.1 ms to a 5.5 ms step of the Hogwild CNN and 0.05 ms to a 0.45 ms
+step of the digits MLP, while ``Variable.assign`` from NumPy views costs one
+eager dispatch per variable: 1.4 ms for the CNN's 8, 0.5 ms for the MLP's 4. A
 DLPack read is not used: ``AssignVariableOp`` adopts the buffer of a tensor it
 is the last user of, and then the variable *is* the shared memory (seen with
 TF 2.21). The gradient leaves the graph as one flat tensor laid out like the
@@ -176,13 +177,14 @@ def _dtype(v: Any) -> np.dtype:
 
 def _names(variables: list[Any]) -> list[str]:
     """Stable, unique names: Keras 3 variable paths, ``tf.Variable`` names otherwise."""
-    base = [getattr(v, "path", None) or v.name.split(":")[0] for v in variables]
-    seen: dict[str, int] = {}
-    out = []
-    for name in base:
-        k = seen.get(name, 0)
-        seen[name] = k + 1
-        out.append(name if k == 0 else f"{name}_{k}")
+    out: list[str] = []
+    for v in variables:
+        name = base = getattr(v, "path", None) or v.name.split(":")[0]
+        k = 0
+        while name in out:  # plain tf.Variables are all called "Variable" unless named
+            k += 1
+            name = f"{base}_{k}"
+        out.append(name)
     return out
 
 
