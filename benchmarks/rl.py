@@ -150,9 +150,9 @@ def run(cfg: BenchConfig, report: Report) -> None:
                 row = solve(algo, n, cfg.seed + rep, target=target, budget=budgets[algo])
                 curve = row.pop("curve")
                 report.add("rl", row)
-                report.rows.setdefault("rl-curves", []).append(
-                    {**row, "curve": curve[:: max(1, len(curve) // 400)]}
-                )
+                # About 200 points a run, rounded: enough for the plot, small enough to commit.
+                points = [(round(t, 3), round(m, 2)) for t, m in curve[:: max(1, len(curve) // 200)]]
+                report.rows.setdefault("rl-curves", []).append({**row, "curve": points})
         _summarise(report, algo, contenders, target, budgets[algo])
 
 
