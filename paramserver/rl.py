@@ -280,6 +280,7 @@ class RLResult:
     startup_seconds: float
     seconds_to_target: float | None
     steps_to_target: int | None
+    window: int = 100
     missed_episodes: int = 0
     workers: list[dict[str, float]] = field(default_factory=list)
     run_dir: str | None = None
@@ -301,7 +302,7 @@ class RLResult:
         )
         out = (
             f"{self.algo} on {self.env}: stopped by {self.stop_reason}; mean return {mean} over the "
-            f"last episodes{target}; {self.episodes} episodes, {self.env_steps} steps, "
+            f"last {self.window} episodes{target}; {self.episodes} episodes, {self.env_steps} steps, "
             f"{self.updates} updates in {self.train_seconds:.1f} s ({self.steps_per_second:,.0f} steps/s; "
             f"start-up {self.startup_seconds:.1f} s)"
         )
@@ -416,8 +417,9 @@ class RLServer:
         cfg = self.config
         self._started = time.time()
         sweep_stale()
-        torch.manual_seed(cfg.seed)  # the initial parameters
-        self.model = build(**self.model_args())
+        with torch.random.fork_rng():  # the initial parameters, without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            self.model = build(**self.model_args())
         self.layout = layout = Layout.from_torch(self.model)
         rule = cfg.update_rule()
         self._store = ParamStore.create_for(
@@ -547,7 +549,8 @@ class RLServer:
                         best = mean if best is None else max(best, mean)
                     curve.append((elapsed_ep, mean))
                     doc = {"worker": w, "episode": i, "return": ret, "length": length,
-                           "time": round(elapsed_ep, 4), "mean_return": round(mean, 3)}  # fmt: skip
+                           "time": round(elapsed_ep, 4), "wall_time": round(t_end, 4),
+                           "mean_return": round(mean, 3)}  # fmt: skip
                     if log is not None:
                         log.write(json.dumps(doc) + "\n")
                     if self.callback is not None and self.callback({**doc, "episodes": episodes_total}):
@@ -597,7 +600,8 @@ class RLServer:
             train_seconds=max(0.0, t_last - t_first), startup_seconds=t_first - self._started,
             seconds_to_target=at_target[0] if at_target else None,
             steps_to_target=at_target[1] if at_target else None,
-            missed_episodes=missed, workers=rows_d, run_dir=self.run_dir, params=params, curve=curve,
+            window=cfg.window, missed_episodes=missed, workers=rows_d, run_dir=self.run_dir,
+            params=params, curve=curve,
         )  # fmt: skip
         if self.run_dir:
             self._write_results(result)
@@ -709,7 +713,8 @@ def train_rl(
     the gymnasium ``reset()``/``step()`` API (overrides ``config.env``).
     ``callback(episode)`` is called by the server once per finished episode,
     in the order they ended, with ``worker``, ``episode`` (the worker's count),
-    ``return``, ``length``, ``time`` (seconds since the first step),
+    ``return``, ``length``, ``time`` (seconds since the first step), ``wall_time``
+    (``time.time()`` at its end),
     ``mean_return`` (of the last ``window``) and ``episodes`` (all so far);
     returning ``True`` stops the run.
     """

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from paramserver.benchmarks.rl import single_process
+from paramserver.benchmarks.rl import single_process, solve
 from paramserver.layout import Layout
 from paramserver.models.rl_models import build
 from paramserver.rl import RLConfig, evaluate, train_rl
@@ -136,6 +136,13 @@ def test_one_worker_equals_the_same_loop_with_torch_optim():
         np.testing.assert_allclose(
             result.params[name], p.detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=name
         )
+
+
+def test_benchmark_contenders_reach_a_low_target():
+    for workers in (0, 2):  # the single process and paramserver
+        row = solve("a3c", workers, 0, target=40.0, budget=60.0)
+        assert row["reached"] and row["seconds"] > 0 and row["env_steps"] > 0, row
+        assert row["curve"] and row["curve"][-1][1] >= 40.0
 
 
 # -- errors ------------------------------------------------------------------------------------
