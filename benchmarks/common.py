@@ -9,6 +9,7 @@ targets it met or missed, with the measured reason.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -158,6 +159,22 @@ def _fmt(v: Any) -> str:
             return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
         return f"{v:.3g}"
     return str(v)
+
+
+def scaling_ceiling(single: dict[int, float], best: float, achieved: float, n: int, cores: int) -> str:
+    """Why a speedup over the best single process stops where it does: N workers at
+    ``cores // N`` threads each can at most reach N times one process at that thread count.
+
+    ``single`` maps thread counts to a single process's throughput, ``best`` is its best,
+    ``achieved`` the throughput of N workers."""
+    threads = max(1, cores // n)
+    one = single.get(threads, math.nan)
+    ceiling = n * one / best
+    return (
+        f"ceiling for {n} workers at {threads} thread(s) each: {n} x the single process at {threads} "
+        f"thread(s) ({one:,.0f}) / the best single ({best:,.0f}) = {ceiling:.2f}x; "
+        f"the workers reached {achieved / (n * one):.0%} of it ({achieved / best:.2f}x)"
+    )
 
 
 def median(values: list[float]) -> float:

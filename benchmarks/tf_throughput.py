@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import BenchConfig, Report, median, timed
+from .common import BenchConfig, Report, median, scaling_ceiling, timed
 from .throughput import LR, MOMENTUM, _window
 
 WARMUP_STEPS = 5
@@ -258,5 +258,6 @@ def _summarise(
         )
     if task == "cnn" and 2 in counts:
         speedup = med("paramserver-po3", 2) / best
+        report.note(SUITE, scaling_ceiling(single, best, med("paramserver-po3", 2), 2, cores))
         report.note(SUITE, f"target po3 2 TF workers >= 1.7x best single TF process (CNN): "
                     f"{speedup:.2f}x, {'met' if speedup >= 1.7 else 'MISSED'}")  # fmt: skip

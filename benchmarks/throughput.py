@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import BenchConfig, Report, median
+from .common import BenchConfig, Report, median, scaling_ceiling
 
 WARMUP_STEPS = 5
 JOIN_TIMEOUT = 30.0
@@ -301,6 +301,7 @@ def _summarise(
     report.table("throughput", header, table)
     if task == "cnn" and 2 in counts:
         speedup = med("paramserver-po3", 2) / best
+        report.note("throughput", scaling_ceiling(single, best, med("paramserver-po3", 2), 2, cores))
         vs_recipe = med("paramserver-po3", 2) / med("torch-hogwild", 2)
         report.note("throughput", f"target po3 2 workers >= 1.8x best single process (CNN): "
                     f"{speedup:.2f}x, {'met' if speedup >= 1.8 else 'MISSED'}")  # fmt: skip
