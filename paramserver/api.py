@@ -95,9 +95,10 @@ def train(
     """Train ``model`` on ``data`` with ``config.workers`` processes; return the result.
 
     ``model``: a ``torch.nn.Module`` (its trained parameters are copied back into
-    it), a :class:`paramserver.KerasModel` (a factory of a Keras model or
-    ``tf.Module``; ``result.model`` is then a model built with the trained
-    values) or a NumPy model from ``paramserver.models.numpy_models``.
+    it and its batch-norm statistics re-estimated from training inputs), a
+    :class:`paramserver.KerasModel` (a factory of a Keras model or ``tf.Module``;
+    ``result.model`` is then a model built with the trained values) or a NumPy
+    model from ``paramserver.models.numpy_models``.
     ``data``: a :class:`Dataset`, ``(x, y)`` (a test split is held out) or
     ``(x, y, x_test, y_test)``. ``loss``: a picklable ``loss(logits, labels)``
     for torch models (default cross-entropy), ``loss(labels, logits)`` as in
@@ -122,10 +123,13 @@ def train(
     if spec.backend == "torch":
         import torch
 
+        from paramserver.workers.backends import CALIBRATION_SAMPLES, recalibrate_batch_norm
+
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in result.params:
                     p.copy_(torch.from_numpy(result.params[name]))
+        recalibrate_batch_norm(model, dataset.x_train[:CALIBRATION_SAMPLES])
     result.model = model
     if spec.backend == "tf":
         from paramserver.workers.backends import make_backend

@@ -650,9 +650,11 @@ class _Evaluator:
     def __init__(self, spec: Any, layout: Layout, params: np.ndarray, data: Dataset, seed: int = 0):
         from threadpoolctl import ThreadpoolController
 
-        from paramserver.workers.backends import make_backend
+        from paramserver.workers.backends import CALIBRATION_SAMPLES, make_backend
 
         self.backend = make_backend(spec, layout, params)
+        if spec.backend == "torch":  # batch-norm statistics from the live parameters
+            self.backend.calibration = data.x_train[:CALIBRATION_SAMPLES]
         self.data = data
         self.pools = ThreadpoolController()
         n = len(data.x_train)

@@ -14,7 +14,7 @@ import paramserver as ps
 from paramserver.data import epoch_orders
 from paramserver.models.numpy_models import NumpyMLP
 from paramserver.models.torch_models import MLP
-from paramserver.workers.backends import ModelSpec, TorchBackend
+from paramserver.workers.backends import ModelSpec, TorchBackend, recalibrate_batch_norm
 
 POLICIES = ps.POLICIES
 
@@ -176,6 +176,44 @@ def test_torch_mlp_po3_two_workers_reaches_95_percent(digits):
     torch.manual_seed(0)
     result = ps.train(MLP(64, 10, 64), digits, config(policy="po3", workers=2, epochs=10))
     assert result.test_accuracy >= 0.95, result.summary()
+
+
+def bn_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
+
+
+def test_recalibrate_batch_norm_sets_the_statistics_of_the_inputs():
+    model = bn_mlp()
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(1024, 64)).astype(np.float32)
+    weight_before = model[1].weight.detach().clone()
+    assert recalibrate_batch_norm(model, x, batch=256)
+    with torch.no_grad():
+        h = model[0](torch.from_numpy(x))
+    bn = model[1]
+    # Four equal batches: the average of their means is the mean of all.
+    torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, h.var(0), rtol=0.05, atol=1e-3)
+    assert bn.momentum == 0.1 and model.training  # restored
+    assert torch.equal(bn.weight, weight_before)
+    assert not recalibrate_batch_norm(torch.nn.Linear(3, 2), x[:, :3])
+
+
+def test_torch_batch_norm_model_is_evaluated_with_statistics_of_its_trained_parameters(digits):
+    """Buffers are per worker; the server's copy and the caller's model re-estimate them."""
+    model = bn_mlp()
+    cfg = config(policy="po3", workers=2, epochs=5, target_accuracy=0.99, eval_every=0.05)
+    result = ps.train(model, digits, cfg)
+    assert result.evaluations, "the server evaluated while training"
+    assert result.test_accuracy >= 0.93, result.summary()
+    assert model[1].running_var.sub(1).abs().max() > 0.01, "statistics still the initial ones"
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(digits.x_test))
+    own = (logits.argmax(1).numpy() == digits.y_test).mean()
+    assert abs(own - result.test_accuracy) < 1e-9, (own, result.test_accuracy)
 
 
 def test_numpy_mlp_two_workers_reaches_95_percent(digits):

@@ -81,9 +81,50 @@ class Backend(ABC):
         ``threads`` threads of the framework's own pool if given."""
 
 
+CALIBRATION_SAMPLES = 1024
+"""Training inputs from which a model's batch-norm statistics are re-estimated."""
+
+
+def recalibrate_batch_norm(model: Any, x: np.ndarray, batch: int = 256) -> bool:
+    """Set the running statistics of every batch-norm layer of a torch ``model`` to those of
+    ``x`` under the current parameters (a cumulative average over batches of ``x``); the
+    parameters are untouched. Returns whether the model had such layers.
+
+    Buffers are not shared between workers: each worker's follow its own batches, and the
+    model the server holds still has the initial ones (mean 0, variance 1), which would
+    make its predictions, and the test accuracy, meaningless."""
+    import torch
+
+    norm = torch.nn.modules.batchnorm._NormBase
+    layers = [m for m in model.modules() if isinstance(m, norm) and m.track_running_stats]
+    if not layers:
+        return False
+    was_training = model.training
+    saved = [m.momentum for m in layers]
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        model.train()
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])))
+    finally:
+        for m, momentum in zip(layers, saved, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return True
+
+
 class TorchBackend(Backend):
     """Zero copy: every ``param.data`` is a view of the segment, every ``param.grad``
-    a view of the flat gradient buffer, so ``backward()`` writes the flat gradient."""
+    a view of the flat gradient buffer, so ``backward()`` writes the flat gradient.
+
+    ``calibration`` (training inputs; set by the server for its own copy of the model):
+    ``predict`` first re-estimates the batch-norm statistics from them, see
+    :func:`recalibrate_batch_norm`."""
+
+    calibration: np.ndarray | None = None
 
     def __init__(self, spec: ModelSpec, layout: Layout, params: np.ndarray, grad: np.ndarray | None):
         import torch
@@ -125,10 +166,12 @@ class TorchBackend(Backend):
     def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
         torch = self.torch
         was_training, saved_threads = self.model.training, torch.get_num_threads()
-        self.model.eval()
         if threads:
             torch.set_num_threads(threads)
         try:
+            if self.calibration is not None and not recalibrate_batch_norm(self.model, self.calibration):
+                self.calibration = None  # no batch norm: nothing to re-estimate, ever
+            self.model.eval()
             with torch.no_grad():
                 return self.model(torch.from_numpy(x)).numpy()
         finally:
