@@ -181,6 +181,15 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def median_run(values: list[float]) -> float:
+    """The median time of runs with a miss (NaN) counted as slower than any hit; NaN if the
+    median run missed (a plain median of numbers and NaNs depends on where the NaNs sort)."""
+    if not values:
+        return math.nan
+    m = median([math.inf if math.isnan(v) else v for v in values])
+    return math.nan if math.isinf(m) else m
+
+
 def timed(fn: Callable[[], Any], *, repeat: int = 5, number: int = 1) -> float:
     """Best-of-``repeat`` seconds per call of ``fn`` (``number`` calls per repeat)."""
     best = float("inf")
