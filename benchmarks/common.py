@@ -161,6 +161,22 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def throughput_medians(
+    rows: list[dict[str, Any]], cores: int
+) -> tuple[Callable[..., float], dict[int, float], int]:
+    """From a throughput suite's rows of one task: ``med(contender, workers, threads=None)``,
+    the median samples/s of a contender; the single process's median by thread count
+    (1 to ``cores``); and its best thread count."""
+
+    def med(contender: str, workers: int, threads: int | None = None) -> float:
+        vals = [r["samples_per_s"] for r in rows if r["contender"] == contender and r["workers"] == workers
+                and (threads is None or r["threads"] == threads)]  # fmt: skip
+        return median(vals) if vals else math.nan
+
+    single = {t: med("single", 1, t) for t in range(1, cores + 1)}
+    return med, single, max(single, key=lambda t: single[t])
+
+
 def scaling_ceiling(single: dict[int, float], best: float, achieved: float, n: int, cores: int) -> str:
     """Why a speedup over the best single process stops where it does: N workers at
     ``cores // N`` threads each can at most reach N times one process at that thread count.

@@ -23,14 +23,13 @@ NumPy views of the flat vector.
 from __future__ import annotations
 
 import functools
-import math
 import multiprocessing as mp
 import os
 from typing import Any
 
 import numpy as np
 
-from .common import BenchConfig, Report, median, scaling_ceiling, timed
+from .common import BenchConfig, Report, scaling_ceiling, throughput_medians, timed
 from .throughput import LR, MOMENTUM, _window
 
 WARMUP_STEPS = 5
@@ -225,14 +224,7 @@ def _summarise(
     report: Report, task: str, counts: list[int], policies: list[str], cores: int, repeats: int
 ) -> None:
     rows = [r for r in report.rows[SUITE] if r["task"] == task and "contender" in r]
-
-    def med(contender: str, workers: int, threads: int | None = None) -> float:
-        vals = [r["samples_per_s"] for r in rows if r["contender"] == contender and r["workers"] == workers
-                and (threads is None or r["threads"] == threads)]  # fmt: skip
-        return median(vals) if vals else math.nan
-
-    single = {t: med("single", 1, t) for t in range(1, cores + 1)}
-    best_t = max(single, key=lambda t: single[t])
+    med, single, best_t = throughput_medians(rows, cores)
     best = single[best_t]
     contenders = [f"paramserver-{p}" for p in policies]
     header = ["workers", "linear", *contenders, "ps po3 / best single"]

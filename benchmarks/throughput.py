@@ -27,7 +27,6 @@ process, as in the recipe) and data for all.
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import time
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import BenchConfig, Report, median, scaling_ceiling
+from .common import BenchConfig, Report, scaling_ceiling, throughput_medians
 
 WARMUP_STEPS = 5
 JOIN_TIMEOUT = 30.0
@@ -277,14 +276,7 @@ def _summarise(
     report: Report, task: str, counts: list[int], contenders: list[str], cores: int, repeats: int
 ) -> None:
     rows = [r for r in report.rows["throughput"] if r["task"] == task]
-
-    def med(contender: str, workers: int, threads: int | None = None) -> float:
-        vals = [r["samples_per_s"] for r in rows if r["contender"] == contender and r["workers"] == workers
-                and (threads is None or r["threads"] == threads)]  # fmt: skip
-        return median(vals) if vals else math.nan
-
-    single = {t: med("single", 1, t) for t in range(1, cores + 1)}
-    best_t = max(single, key=lambda t: single[t])
+    med, single, best_t = throughput_medians(rows, cores)
     best = single[best_t]
     header = ["workers", "linear", *contenders, "ps po3 / best single", "ps po3 / torch-hogwild"]
     table = []

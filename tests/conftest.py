@@ -6,7 +6,14 @@ import os
 
 import pytest
 
+import paramserver as ps
 from paramserver.store import SHM_DIR, list_segments
+
+
+@pytest.fixture(scope="session")
+def digits() -> ps.Dataset:
+    """scikit-learn's digits, split as ``ps.load_digits()`` splits it (read-only in tests)."""
+    return ps.load_digits()
 
 
 def _ours_or_orphaned() -> set[str]:

@@ -17,6 +17,11 @@ def config(**kw) -> ps.TrainConfig:
     return ps.TrainConfig(**{**base, **kw})
 
 
+def small(data: ps.Dataset, n: int = 320) -> ps.Dataset:
+    """The first ``n`` training samples of ``data``, with its whole test split."""
+    return ps.Dataset(data.x_train[:n], data.y_train[:n], data.x_test, data.y_test, data.classes)
+
+
 def tiny_data(n: int = 64) -> ps.Dataset:
     rng = np.random.default_rng(0)
     return ps.make_dataset(rng.normal(size=(n, 4)), rng.integers(0, 2, n), classes=2)

@@ -17,11 +17,6 @@ from paramserver.models.numpy_models import NumpyMLP
 from paramserver.models.torch_models import MLP
 
 
-@pytest.fixture(scope="module")
-def digits() -> ps.Dataset:
-    return ps.load_digits()
-
-
 def test_save_and_load_round_trip_bitwise(tmp_path):
     rng = np.random.default_rng(0)
     layout = ps.Layout.from_arrays({"a": np.zeros((3, 5), np.float32), "b": np.zeros(7, np.float32)})

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import config, small
 
 import paramserver as ps
 from paramserver.data import epoch_orders
@@ -28,20 +29,6 @@ def tf():
     from paramserver.workers.tf_backend import import_tf
 
     return import_tf()
-
-
-@pytest.fixture(scope="module")
-def digits() -> ps.Dataset:
-    return ps.load_digits()
-
-
-def small(data: ps.Dataset, n: int = 320) -> ps.Dataset:
-    return ps.Dataset(data.x_train[:n], data.y_train[:n], data.x_test, data.y_test, data.classes)
-
-
-def config(**kw) -> ps.TrainConfig:
-    base = dict(workers=1, epochs=2, batch_size=32, lr=0.05, momentum=0.9, out_dir="", progress=False)
-    return ps.TrainConfig(**{**base, **kw})
 
 
 # -- models (module level: workers unpickle them by reference) -------------------------------

@@ -8,7 +8,7 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 import torch
-from helpers import ConstantGrad
+from helpers import ConstantGrad, config, small
 
 import paramserver as ps
 from paramserver.data import epoch_orders
@@ -17,20 +17,6 @@ from paramserver.models.torch_models import MLP
 from paramserver.workers.backends import ModelSpec, TorchBackend, recalibrate_batch_norm
 
 POLICIES = ps.POLICIES
-
-
-@pytest.fixture(scope="module")
-def digits() -> ps.Dataset:
-    return ps.load_digits()
-
-
-def small(data: ps.Dataset, n: int = 320) -> ps.Dataset:
-    return ps.Dataset(data.x_train[:n], data.y_train[:n], data.x_test, data.y_test, data.classes)
-
-
-def config(**kw) -> ps.TrainConfig:
-    base = dict(workers=1, epochs=2, batch_size=32, lr=0.05, momentum=0.9, out_dir="", progress=False)
-    return ps.TrainConfig(**{**base, **kw})
 
 
 # -- one worker equals plain single-process training on the same batches ----------------

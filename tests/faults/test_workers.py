@@ -14,11 +14,6 @@ import paramserver as ps
 from paramserver.models.numpy_models import NumpyMLP
 
 
-@pytest.fixture(scope="module")
-def digits() -> ps.Dataset:
-    return ps.load_digits()
-
-
 @pytest.mark.parametrize("policy", ps.POLICIES)
 def test_sigkill_of_a_worker_mid_run_is_survived(digits, policy):
     at_kill: dict[str, list[int]] = {}
