@@ -15,20 +15,27 @@ second segment (return, length, time); the server reads the rings without a
 lock a few times a second, logs every episode, and stops the run when the mean
 return of the last 100 episodes (all workers together) reaches the target.
 
+The processes live as in supervised training (:mod:`paramserver.supervise`):
+workers die with the server, SIGTERM stops a run like Ctrl-C, and a worker that
+dies or hangs is restarted with the same rank up to ``max_restarts`` times. A
+restarted worker keeps its counters (steps, updates, episodes) and the shared
+parameters and optimizer state, but starts new environments (its episodes in
+progress are lost) and, for DQN, an empty replay pool and a target network
+copied from the shared parameters: it collects ``learning_starts`` transitions
+again before its next update. Epsilon continues from its step count.
+
 Nothing here imports torch or gymnasium before a run starts.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import math
 import multiprocessing as mp
 import os
 import pickle
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,15 +46,14 @@ import numpy as np
 from .layout import Layout
 from .machine import machine_info, usable_cores
 from .optim import RULES, UpdateRule, make_rule
-from .policy import POLICIES, Policy, make_policy
+from .policy import POLICIES, make_policy
 from .progress import BARS, Progress
-from .server import WorkerError
-from .store import COUNTER, COUNTER_FIELDS, STATUS, ParamStore, Segment, sweep_stale
+from .store import COUNTER, STATUS, ParamStore, Segment, sweep_stale
+from .supervise import Supervisor, Terminated, run_span
 
 ALGOS = ("a3c", "dqn")
 PIN_CHOICES = ("auto", "on", "off")
 POLL_SECONDS = 0.1
-JOIN_TIMEOUT = 10.0
 EPISODE_FIELDS = ("return", "length", "time")
 """One row of a worker's episode ring: return, length in steps, time.time() at its end."""
 RING = 4096
@@ -121,6 +127,8 @@ class RLConfig:
     nice: int = _f(0, "niceness for workers (0 = unchanged)")
     threads: int = _f(1, "torch threads per worker (small networks run fastest on one)")
     seed: int = _f(0, "random seed; worker r uses seed + r (its environments, torch, numpy)")
+    max_restarts: int = _f(3, "restarts of dead or hung workers before the run is stopped")
+    hang_timeout: float = _f(60.0, "seconds without a step before a worker counts as hung; 0 = never")
     eval_episodes: int = _f(100, "episodes --evaluate runs (greedy actions)")
     out_dir: str = _f("runs", "directory for results; each run writes a new subdirectory ('' = none)")
     progress: bool = _f(True, "show a live progress line on stderr")
@@ -172,6 +180,8 @@ class RLConfig:
         need(-20 <= self.nice <= 19, f"nice must be in [-20, 19], got {self.nice}")
         need(self.threads >= 1, f"threads must be at least 1, got {self.threads}")
         need(self.eval_episodes >= 1, f"eval_episodes must be at least 1, got {self.eval_episodes}")
+        need(self.max_restarts >= 0, f"max_restarts must be >= 0, got {self.max_restarts}")
+        need(self.hang_timeout >= 0, f"hang_timeout must be >= 0 (0 = never), got {self.hang_timeout}")
         # The algorithm's defaults, filled in once so that every process sees the same values.
         for name, value in ALGO_DEFAULTS[self.algo].items():
             if getattr(self, name) is None:
@@ -282,6 +292,8 @@ class RLResult:
     steps_to_target: int | None
     window: int = 100
     missed_episodes: int = 0
+    restarts: int = 0
+    """Workers restarted after a crash or a hang."""
     workers: list[dict[str, float]] = field(default_factory=list)
     run_dir: str | None = None
     policy_path: str | None = None
@@ -306,6 +318,8 @@ class RLResult:
             f"{self.updates} updates in {self.train_seconds:.1f} s ({self.steps_per_second:,.0f} steps/s; "
             f"start-up {self.startup_seconds:.1f} s)"
         )
+        if self.restarts:
+            out += f"; {self.restarts} worker restart(s)"
         if self.run_dir:
             out += f"\nresults written to {self.run_dir}"
         return out
@@ -329,9 +343,11 @@ class Placement:
     max_steps: int
     """Environment steps this worker takes at most (0 = no limit)."""
     parent_pid: int
+    life: int = 0
+    """0 for the first start, n for the n-th restart (a restart does not wait for the others)."""
 
 
-class RLServer:
+class RLServer(Supervisor):
     """Owns the parameter and episode segments and the worker processes of one RL run.
 
     A context manager: segments and processes are released on exit, whatever happened::
@@ -340,7 +356,7 @@ class RLServer:
             result = server.run()
     """
 
-    _store: ParamStore | None = None
+    config: RLConfig
     _episodes: Segment | None = None
 
     def __init__(
@@ -350,7 +366,7 @@ class RLServer:
         env: str | EnvFactory | None = None,
         callback: Callable[[dict[str, Any]], bool | None] | None = None,
     ):
-        self.config = config
+        super().__init__(config)
         self.env = env if env is not None else config.env
         if not isinstance(self.env, str):
             if not callable(self.env):
@@ -370,29 +386,10 @@ class RLServer:
                 "--max-steps or --max-seconds, or the run would never stop"
             )
         self.callback = callback
-        self.processes: list[mp.process.BaseProcess] = []
-        self.policy: Policy | None = None
-        self.start_barrier: Any = None
         self.run_dir: str | None = None
         self._started = 0.0
         self.model: Any = None
         self.layout: Layout | None = None
-
-    def __enter__(self) -> RLServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def store(self) -> ParamStore:
-        assert self._store is not None, "server not started"
-        return self._store
 
     @property
     def episodes(self) -> Segment:
@@ -422,14 +419,14 @@ class RLServer:
             self.model = build(**self.model_args())
         self.layout = layout = Layout.from_torch(self.model)
         rule = cfg.update_rule()
-        self._store = ParamStore.create_for(
+        self._store = self._own(ParamStore.create_for(
             layout, workers=cfg.workers, state_slots=rule.state_slots if cfg.shared_state else 0,
             meta={"config": cfg.to_dict(), "server_pid": os.getpid(), "backend": "torch", "job": "rl"},
-        )  # fmt: skip
+        ))  # fmt: skip
         self.store.params[...] = layout.flatten(
             {n: p.detach().numpy() for n, p in self.model.named_parameters()}
         )
-        self._episodes = Segment.create(episode_layout(cfg.workers), {"kind": "episodes"})
+        self._episodes = self._own(Segment.create(episode_layout(cfg.workers), {"kind": "episodes"}))
 
         # spawn, not fork: an OpenMP pool in this process (torch is imported) can hang
         # forked children. A context, not set_start_method().
@@ -439,67 +436,35 @@ class RLServer:
         self.start_barrier = ctx.Barrier(cfg.workers)
         cores = usable_cores()
         pin = cfg.pin == "on" or (cfg.pin == "auto" and cfg.workers * cfg.threads <= len(cores))
-        for rank in range(cfg.workers):
+        model_args = self.model_args()
+
+        def launch(rank: int, life: int) -> mp.process.BaseProcess:
             steps = 0
             if cfg.max_steps:
                 steps = max(1, cfg.max_steps // cfg.workers + (rank < cfg.max_steps % cfg.workers))
             mine = tuple(cores[(rank * cfg.threads + i) % len(cores)] for i in range(cfg.threads))
-            placement = Placement(mine if pin else None, cfg.threads, steps, os.getpid())
-            p = ctx.Process(
-                target=rl_worker_main,
-                args=(
-                    rank,
-                    self.store,
-                    self.episodes,
-                    self.policy,
-                    self.start_barrier,
-                    cfg,
-                    self.env,
-                    self.model_args(),
-                    placement,
-                ),
-                name=f"paramserver-rl-worker-{rank}",
-                daemon=True,  # never outlive the server
-            )
-            with _thread_env(cfg.threads):
-                p.start()
-            self.processes.append(p)
+            placement = Placement(mine if pin else None, cfg.threads, steps, os.getpid(), life)
+            args = (rank, self.store, self.episodes, self.policy, self.start_barrier, cfg, self.env,
+                    model_args, placement)  # fmt: skip
+            return self._spawn(ctx, rl_worker_main, args, name=f"paramserver-rl-worker-{rank}",
+                               threads=cfg.threads)  # fmt: skip
+
+        self._start_workers(launch)
 
     def close(self) -> None:
         """Stop and join every worker, then unlink the segments. Safe to call twice."""
-        if self._store is not None:
-            self._store.request_stop()
-        deadline = time.monotonic() + JOIN_TIMEOUT
-        for p in self.processes:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5.0)
-        for p in self.processes:
-            with contextlib.suppress(ValueError):
-                p.close()
-        self.processes = []
-        segments = [seg for seg in (self._store, self._episodes) if seg is not None]
-        for seg in segments:  # unlink first: it cannot fail on views still in use
-            seg.unlink()
-        for seg in segments:
-            with contextlib.suppress(BufferError):
-                seg.close()
-        self._store = self._episodes = None
-
-    def _check_workers(self) -> None:
-        for rank, p in enumerate(self.processes):
-            code = p.exitcode
-            status = self.store.counters[rank, COUNTER["status"]]
-            if code is not None and (code != 0 or status == STATUS["failed"]):
-                cause = f"exit code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
-                raise WorkerError(
-                    f"rl worker {rank} died ({cause}); its traceback, if any, is above. The run was stopped."
-                )
+        super().close()
+        self._episodes = None
 
     def run(self) -> RLResult:
-        """Watch the workers until a stop criterion holds; save the policy; return the result."""
+        """Watch the workers until a stop criterion holds; save the policy; return the result.
+
+        From the main thread it also handles SIGTERM: the run stops like Ctrl-C,
+        and the results and the policy are written."""
+        with self._signals():
+            return self._run()
+
+    def _run(self) -> RLResult:
         cfg = self.config
         store = self.store
         ring, count = self.episodes["ring"], self.episodes["count"]
@@ -520,7 +485,7 @@ class RLServer:
         try:
             while True:
                 time.sleep(POLL_SECONDS)
-                self._check_workers()
+                self._supervise()
                 if t0 is None:
                     started = counters[:, COUNTER["started"]]
                     if not started.any():
@@ -577,19 +542,16 @@ class RLServer:
                     break
         except KeyboardInterrupt:
             reason = "interrupted"
+        except Terminated:
+            reason = "terminated"
         finally:
             store.request_stop()
             progress.close()
             if log is not None:
                 log.close()
-        for p in self.processes:
-            p.join(JOIN_TIMEOUT)
-        self._check_workers()
-        rows_d = [dict(zip(COUNTER_FIELDS, map(float, row), strict=True)) for row in store.counters]
-        begun = [r["started"] for r in rows_d if r["started"] > 0]
-        ended = [r["finished"] for r in rows_d if r["finished"] > 0]
-        t_first = min(begun) if begun else time.time()
-        t_last = max(ended) if len(ended) == len(rows_d) else time.time()
+        self._join_workers()
+        rows_d = self.worker_rows()
+        t_first, t_last = run_span(rows_d)
         assert self.layout is not None
         params = {k: v.copy() for k, v in self.layout.unflatten(store.params).items()}
         result = RLResult(
@@ -600,7 +562,8 @@ class RLServer:
             train_seconds=max(0.0, t_last - t_first), startup_seconds=t_first - self._started,
             seconds_to_target=at_target[0] if at_target else None,
             steps_to_target=at_target[1] if at_target else None,
-            window=cfg.window, missed_episodes=missed, workers=rows_d, run_dir=self.run_dir,
+            window=cfg.window, missed_episodes=missed, restarts=self.restarts, workers=rows_d,
+            run_dir=self.run_dir,
             params=params, curve=curve,
         )  # fmt: skip
         if self.run_dir:
@@ -637,22 +600,6 @@ class _RLProgress(Progress):
             f"{elapsed:6.1f}s | {self.episodes:6d} episodes | mean return {mean} | "
             f"{rate:8,.0f} steps/s | workers [{bars}]"
         )
-
-
-@contextlib.contextmanager
-def _thread_env(threads: int) -> Any:
-    """BLAS/OpenMP pool sizes for a child about to be spawned (read at its import)."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {n: os.environ.get(n) for n in names}
-    os.environ.update({n: str(threads) for n in names})
-    try:
-        yield
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
 
 
 def _new_run_dir(out_dir: str, cfg: RLConfig) -> str:

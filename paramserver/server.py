@@ -4,27 +4,25 @@ It never blocks the workers: it reads their counter rows (each written by
 one worker only) a few times a second, and its only write they see is the
 ``stop`` control word.
 
-Supervision: a worker that dies (killed, crashed, or silent for longer than
-``hang_timeout``) is restarted with the same rank, shard and counter row, up to
-``max_restarts`` times in a run; locks it held are given back first. A worker
-that raised a Python exception is not restarted (the same code would raise
-again): the run stops and its traceback is shown.
+Supervision (:mod:`paramserver.supervise`, shared with the RL server): a
+worker that dies (killed, crashed, or silent for longer than ``hang_timeout``)
+is restarted with the same rank, shard and counter row, up to ``max_restarts``
+times in a run; locks it held are given back first. A worker that raised a
+Python exception is not restarted (the same code would raise again): the run
+stops and its traceback is shown.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
 import signal
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,25 +35,18 @@ from .config import TrainConfig
 from .data import Dataset, shard, share_training_data
 from .layout import Layout
 from .machine import machine_info, usable_cores
-from .policy import Policy, make_policy
+from .policy import make_policy
 from .progress import Progress
-from .store import CONTROL, COUNTER, COUNTER_FIELDS, STATUS, TMP_PREFIX, ParamStore, Segment, sweep_stale
+from .store import CONTROL, COUNTER, STATUS, TMP_PREFIX, ParamStore, Segment, sweep_stale
+from .supervise import Supervisor, Terminated, run_span
+from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
 POLL_SECONDS = 0.1
 FAST_POLL_SECONDS = 0.005
 """Polling interval when evaluations are due every so many updates."""
 METRICS_EVERY = 0.5
-JOIN_TIMEOUT = 10.0
 TRAIN_EVAL_SAMPLES = 2048
 """Training samples the server scores for ``target_train_accuracy``."""
-
-
-class WorkerError(RuntimeError):
-    """A worker process died or failed (past its restarts); the run was stopped."""
-
-
-class _Terminated(Exception):
-    """SIGTERM reached the server: stop like Ctrl-C."""
 
 
 @dataclass
@@ -134,24 +125,7 @@ class TrainResult:
         }
 
 
-@contextlib.contextmanager
-def _thread_env(threads: int) -> Iterator[None]:
-    """Thread-pool sizes for a child about to be spawned: BLAS and OpenMP read these
-    at import, which in a spawned child happens before any of our code runs."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {n: os.environ.get(n) for n in names}
-    os.environ.update({n: str(threads) for n in names})
-    try:
-        yield
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
-
-
-class ParameterServer:
+class ParameterServer(Supervisor):
     """Owns the parameter and data segments and the worker processes of one run.
 
     Use as a context manager: segments and processes are released on exit,
@@ -161,7 +135,7 @@ class ParameterServer:
             result = server.run()
     """
 
-    _store: ParamStore | None = None
+    config: TrainConfig
     _data: Segment | None = None
     _tmpdir: str | None = None
 
@@ -175,21 +149,16 @@ class ParameterServer:
         *,
         callback: Callable[[dict[str, Any]], bool | None] | None = None,
     ):
+        super().__init__(config)
         self.spec = spec
         self.layout = layout
         self.init = init
         self.data = data
-        self.config = config
         self.callback = callback
-        self.processes: list[mp.process.BaseProcess] = []
-        self.policy: Policy | None = None
         self.stale_first: StaleFirst | None = None
-        self.start_barrier: Any = None
         self.run_dir: str | None = None
-        self.restarts = 0
         self.resumed: Checkpoint | None = None
         self._started = 0.0
-        self._launch: Callable[[int, int], mp.process.BaseProcess] | None = None
         self._checkpoint_wanted = False
         if len(data.x_train) < config.workers:
             raise ValueError(
@@ -221,22 +190,6 @@ class ParameterServer:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def __enter__(self) -> ParameterServer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def store(self) -> ParamStore:
-        assert self._store is not None, "server not started"
-        return self._store
-
     def _batches_per_epoch(self, rank: int) -> int:
         lo, hi = shard(len(self.data.x_train), rank, self.config.workers)
         return -(-(hi - lo) // self.config.batch_size)
@@ -249,10 +202,10 @@ class ParameterServer:
         sweep_stale()
         rule = cfg.update_rule()
         slots = rule.state_slots if cfg.shared_state else 0
-        self._store = ParamStore.create_for(
+        self._store = self._own(ParamStore.create_for(
             self.layout, workers=cfg.workers, state_slots=slots,
             meta={"config": cfg.to_dict(), "server_pid": os.getpid(), "backend": self.spec.backend},
-        )  # fmt: skip
+        ))  # fmt: skip
         store = self.store
         store.params[...] = self.init
         base_version = 0
@@ -269,7 +222,7 @@ class ParameterServer:
                 positions = [(int(r[COUNTER["epoch"]]), int(r[COUNTER["batch"]])) for r in rows]
             elif len(rows):  # other shards: every worker starts the least advanced epoch
                 positions = [(int(rows[:, COUNTER["epoch"]].min()), 0)] * cfg.workers
-        self._data = share_training_data(self.data)
+        self._data = self._own(share_training_data(self.data))
         # Named after this process, so that `paramserver clean` can remove it if we are killed.
         self._tmpdir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
         worker_spec = self.spec.via_file(self._tmpdir)
@@ -311,130 +264,26 @@ class ParameterServer:
                 threads=threads, steps=steps, parent_pid=os.getpid(), total_updates=total_updates,
                 life=life, first_epoch=positions[rank][0], first_batch=positions[rank][1],
             )  # fmt: skip
-            p = ctx.Process(
-                target=worker_main,
-                args=(
-                    worker_spec, plan, store, self._data, self.policy, self.start_barrier, cfg,
-                    self.stale_first,
-                ),
-                name=f"paramserver-worker-{rank}",
-                daemon=True,  # never outlive the server
-            )  # fmt: skip
-            with _thread_env(threads):
-                p.start()
-            return p
+            args = (worker_spec, plan, store, self._data, self.policy, self.start_barrier, cfg,
+                    self.stale_first)  # fmt: skip
+            return self._spawn(ctx, worker_main, args, name=f"paramserver-worker-{rank}", threads=threads)
 
-        self._launch = launch
-        for rank in range(cfg.workers):
-            self.processes.append(launch(rank, 0))
+        self._start_workers(launch)
 
     def close(self) -> None:
-        """Stop and join every worker, then unlink the segments. Safe to call twice."""
-        if self._store is not None:
-            self._store.request_stop()
-        deadline = time.monotonic() + JOIN_TIMEOUT
-        for p in self.processes:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5.0)
-        for p in self.processes:
-            with contextlib.suppress(ValueError):
-                p.close()
-        self.processes = []
+        """Stop and join every worker, then unlink the segments and remove the private
+        directory. Safe to call twice."""
+        super().close()
+        self._data = None
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
-        segments = [seg for seg in (self._store, self._data) if seg is not None]
-        for seg in segments:  # unlink first: it cannot fail on views still in use
-            seg.unlink()
-        for seg in segments:
-            # After an error, a traceback can still hold views (an evaluator, a counter
-            # row); the mapping is then released when they are collected.
-            with contextlib.suppress(BufferError):
-                seg.close()
-        self._store = self._data = None
 
     # -- supervision --------------------------------------------------------------
 
-    def _cause_of_death(self, rank: int, now: float) -> tuple[str, bool] | None:
-        """Why worker ``rank`` is dead or hung, and whether a restart can help; None if well."""
-        p = self.processes[rank]
-        row = self.store.counters[rank]
-        code = p.exitcode
-        if code is not None:
-            if code == 0 and row[COUNTER["status"]] != STATUS["failed"]:
-                return None  # finished its share
-            if row[COUNTER["status"]] == STATUS["failed"] or code == 1:
-                # Python's exit code for an uncaught exception (also one raised while the
-                # worker was starting): the same code would raise again.
-                return "raised an exception; its traceback is above", False
-            if code < 0:
-                return f"killed by {signal.Signals(-code).name}", True
-            return f"exit code {code}", True
-        timeout = self.config.hang_timeout
-        if timeout and row[COUNTER["status"]] == STATUS["running"]:
-            silent = now - row[COUNTER["heartbeat"]]
-            if silent > timeout:
-                return f"hung: no step for {silent:.1f} s, --hang-timeout {timeout:g}", True
-        return None
-
-    def _supervise(self, *, restart: bool = True) -> None:
-        """Restart dead or hung workers, or raise :class:`WorkerError` past the limit."""
-        cfg = self.config
-        store = self.store
-        now = time.time()
-        dead: list[int] = []
-        for rank in range(len(self.processes)):
-            found = self._cause_of_death(rank, now)
-            if found is None:
-                continue
-            cause, restartable = found
-            if not restart and cause.startswith("killed"):
-                continue  # stopping anyway
-            if not restartable or not restart or self.restarts >= cfg.max_restarts:
-                limit = f" after {self.restarts} restart(s) (--max-restarts {cfg.max_restarts})"
-                raise WorkerError(
-                    f"worker {rank} died ({cause}){limit if restartable and restart else ''}. "
-                    "The run was stopped."
-                )
-            self.restarts += 1
-            print(
-                f"paramserver: worker {rank} died ({cause}); restarting it "
-                f"({self.restarts} of at most {cfg.max_restarts})",
-                file=sys.stderr,
-                flush=True,
-            )
-            p = self.processes[rank]
-            if p.is_alive():  # hung: end it first
-                p.kill()
-            p.join(JOIN_TIMEOUT)
-            dead.append(rank)
-        if self.restarts:  # free what the dead held (also locks leaked in a kill's window)
-            alive = np.array([p.is_alive() for p in self.processes])
-            assert self.policy is not None
-            self.policy.recover(store.counters, alive, dead)
-        for rank in dead:
-            row = store.counters[rank]
-            row[COUNTER["urgent"]] = 0
-            row[COUNTER["status"]] = STATUS["starting"]
-            row[COUNTER["restarts"]] += 1
-            old = self.processes[rank]
-            with contextlib.suppress(ValueError):
-                old.close()
-            assert self._launch is not None
-            self.processes[rank] = self._launch(rank, int(row[COUNTER["restarts"]]))
-        if dead and self.stale_first is not None:
+    def _restarted(self, ranks: list[int]) -> None:
+        if self.stale_first is not None:  # a gate may be waiting for a worker that died
             self.stale_first.wake()
-
-    def check_workers(self) -> None:
-        """Restart dead or hung workers as configured; raise :class:`WorkerError` when
-        one cannot be (for callers that drive a run themselves, like the benchmarks)."""
-        self._supervise()
-
-    def worker_rows(self) -> list[dict[str, float]]:
-        return [dict(zip(COUNTER_FIELDS, map(float, row), strict=True)) for row in self.store.counters]
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -466,19 +315,8 @@ class ParameterServer:
         From the main thread it also handles SIGTERM (stops like Ctrl-C, final
         state written) and SIGUSR1 (writes a checkpoint now).
         """
-        handlers: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-
-            def terminate(signum: int, frame: Any) -> None:
-                raise _Terminated
-
-            handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, terminate)
-            handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._want_checkpoint)
-        try:
+        with self._signals({signal.SIGUSR1: self._want_checkpoint}):
             return self._run()
-        finally:
-            for signum, old in handlers.items():
-                signal.signal(signum, old)
 
     def _run(self) -> TrainResult:
         cfg = self.config
@@ -583,21 +421,16 @@ class ParameterServer:
                     break
         except KeyboardInterrupt:
             reason = "interrupted"
-        except _Terminated:
+        except Terminated:
             reason = "terminated"
         finally:
             store.request_stop()
             progress.close()
             if metrics is not None:
                 metrics.close()
-        for p in self.processes:
-            p.join(JOIN_TIMEOUT)
-        self._supervise(restart=False)
+        self._join_workers()
         rows = self.worker_rows()
-        begun = [r["started"] for r in rows if r["started"] > 0]
-        ended = [r["finished"] for r in rows if r["finished"] > 0]
-        t_first = min(begun) if begun else time.time()
-        t_last = max(ended) if len(ended) == len(rows) else time.time()
+        t_first, t_last = run_span(rows)
         active = [r["loss"] for r in rows if r["steps"] > 0]
         result = TrainResult(
             params={k: v.copy() for k, v in self.layout.unflatten(store.params).items()},

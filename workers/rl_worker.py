@@ -10,6 +10,10 @@ of supervised training apply it to the shared vector.
 The algorithms (:func:`run_a3c`, :func:`run_dqn`) only see a model, a
 ``push(loss)`` that turns a loss into an update, and an :class:`EnvGroup`, so
 the benchmark runs the very same loops in one process with ``torch.optim``.
+
+A worker restarted by the server (after a kill or a hang) has the same rank and
+counter row: its step, update and episode counts go on, and so does epsilon;
+its environments, and for DQN its replay pool and target network, start anew.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from paramserver.policy import Policy
 from paramserver.store import CONTROL, COUNTER, STATUS, ParamStore, Segment
 
 from .backends import set_threads_and_seed
-from .worker import place
+from .worker import die_with_parent, place
 
 if TYPE_CHECKING:
     import torch
@@ -59,10 +63,12 @@ def rl_worker_main(
 ) -> None:
     """Entry point of an RL worker (spawned; ``store`` and ``episodes`` arrive attached)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+    die_with_parent(placement.parent_pid)
     for w in place(placement.cores, config.nice):
         print(f"paramserver rl worker {rank}: warning: {w}", flush=True)
     set_threads_and_seed("torch", placement.threads, config.seed + rank)
     row = store.counters[rank]
+    row[COUNTER["pid"]] = os.getpid()
     try:
         _run(rank, store, episodes, policy, start, config, env, model_args, placement)
         row[COUNTER["status"]] = STATUS["done"]
@@ -72,6 +78,7 @@ def rl_worker_main(
     finally:
         row[COUNTER["finished"]] = time.time()
         del row
+        policy.unbind()
         # After an exception its traceback can still hold views of the segments; the
         # mapping then goes when this process exits a moment later.
         with contextlib.suppress(BufferError):
@@ -103,8 +110,9 @@ def _run(
     bind(model, layout, params, grad)
     update = Updater(rule, params, grad, state, config.learning_rate)
     row = store.counters[rank]
+    policy.bind(row)  # what this worker holds, for the server to give back if it dies
     steps_column = store.counters[:, COUNTER["steps"]]
-    local_updates = 0
+    local_updates = int(row[COUNTER["steps"]])  # a restarted worker counts on
 
     def push(loss: torch.Tensor) -> bool:
         finite = True
@@ -153,12 +161,17 @@ def _run(
         return bool(control[c_stop]) or os.getppid() != parent or bool(limit and env_steps >= limit)
 
     envs = EnvGroup(env, config.envs_per_worker, config.seed, rank, config.workers, record)
+    envs.steps = int(row[COUNTER["samples"]])  # a restarted worker counts on (epsilon, its share)
     rng = np.random.default_rng(config.seed + rank)
-    try:
-        start.wait(START_TIMEOUT)  # the others are still importing: begin together
-    except threading.BrokenBarrierError:
-        pass  # one failed to start; the server sees it and stops the run
-    row[COUNTER["heartbeat"]] = row[COUNTER["started"]] = time.time()
+    if placement.life == 0:
+        try:
+            start.wait(START_TIMEOUT)  # the others are still importing: begin together
+        except threading.BrokenBarrierError:
+            pass  # one failed to start; the server sees it and stops the run
+    now = time.time()
+    row[COUNTER["heartbeat"]] = now
+    if not row[COUNTER["started"]]:
+        row[COUNTER["started"]] = now
     row[COUNTER["status"]] = STATUS["running"]
     try:
         if config.algo == "a3c":
@@ -225,7 +238,8 @@ class EnvGroup:
         self.returns = np.zeros(n)
         self.lengths = np.zeros(n, dtype=np.int64)
         self.steps = 0
-        """Environment steps taken, all environments together."""
+        """Environment steps taken, all environments together (by all lives of a restarted worker:
+        it sets this to its count so far)."""
 
     def __len__(self) -> int:
         return len(self.envs)

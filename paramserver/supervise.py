@@ -1,0 +1,277 @@
+"""The life of a run's worker processes, shared by both servers.
+
+:class:`~paramserver.server.ParameterServer` (supervised training) and
+:class:`~paramserver.rl.RLServer` (reinforcement learning) differ in what their
+workers compute and what a run reports. How their processes live is the same,
+and is written once, here:
+
+- start: spawned (never forked), daemonic, each with its BLAS/OpenMP pool sizes
+  in its environment before it imports anything (:func:`thread_env`); a worker
+  asks the kernel to kill it when the server dies
+  (:func:`paramserver.workers.worker.die_with_parent`);
+- supervision: a worker that dies (killed, crashed in native code, exited) or
+  makes no step for ``hang_timeout`` seconds is restarted with the same rank and
+  counter row, up to ``max_restarts`` times in a run; locks and slots it held
+  are given back first (:meth:`Policy.recover`). A worker that raised a Python
+  exception is not restarted (the same code would raise again): the run stops
+  with a :class:`WorkerError`;
+- signals: SIGTERM stops a run like Ctrl-C (:class:`Terminated`);
+- stop: the ``stop`` control word, a join with a deadline, SIGKILL for a worker
+  that did not stop in time; then every segment is unlinked and closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from .policy import Policy
+from .store import COUNTER, COUNTER_FIELDS, STATUS, ParamStore, Segment
+
+JOIN_TIMEOUT = 10.0
+"""Seconds the workers get to stop on their own before they are killed."""
+
+Launch = Callable[[int, int], mp.process.BaseProcess]
+"""``launch(rank, life)`` starts worker ``rank``: life 0 at first, n at its n-th restart."""
+
+
+class WorkerError(RuntimeError):
+    """A worker process died or failed (past its restarts); the run was stopped."""
+
+
+class Terminated(Exception):
+    """SIGTERM reached the server: stop like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def thread_env(threads: int) -> Iterator[None]:
+    """Thread-pool sizes for a child about to be spawned: BLAS and OpenMP read these
+    at import, which in a spawned child happens before any of our code runs."""
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.update({n: str(threads) for n in names})
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def run_span(rows: list[dict[str, float]]) -> tuple[float, float]:
+    """``time.time()`` when the first worker began and when the last one finished
+    (now, if one has not finished), from the workers' counter rows."""
+    begun = [r["started"] for r in rows if r["started"] > 0]
+    ended = [r["finished"] for r in rows if r["finished"] > 0]
+    t_first = min(begun) if begun else time.time()
+    t_last = max(ended) if len(ended) == len(rows) else time.time()
+    return t_first, t_last
+
+
+class Supervisor:
+    """Owns the segments and the worker processes of one run; base of both servers.
+
+    A subclass's ``start()`` creates its segments with :meth:`_own` (the
+    parameter store as ``self._store``), the policy and the start barrier, then
+    hands :meth:`_start_workers` a :data:`Launch` that spawns one worker with
+    :meth:`_spawn`; the same function restarts it. ``config`` needs ``workers``,
+    ``max_restarts`` and ``hang_timeout``.
+
+    A context manager: segments and processes are released on exit, whatever
+    happened.
+    """
+
+    _store: ParamStore | None = None
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.processes: list[mp.process.BaseProcess] = []
+        self.policy: Policy | None = None
+        self.start_barrier: Any = None
+        self.restarts = 0
+        """Workers restarted in this run."""
+        self._segments: list[Segment] = []
+        self._launch: Launch | None = None
+
+    def start(self) -> None:
+        """Create the segments, the policy and the barrier; start the workers."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def store(self) -> ParamStore:
+        assert self._store is not None, "server not started"
+        return self._store
+
+    def _own(self, segment: Segment) -> Any:
+        """Record ``segment`` as this server's, to unlink in :meth:`close`; return it."""
+        self._segments.append(segment)
+        return segment
+
+    def _spawn(
+        self, ctx: Any, target: Callable[..., None], args: tuple[Any, ...], *, name: str, threads: int
+    ) -> mp.process.BaseProcess:
+        """Start one worker process running ``target(*args)``."""
+        p = ctx.Process(target=target, args=args, name=name, daemon=True)  # never outlive the server
+        with thread_env(threads):
+            p.start()
+        return p
+
+    def _start_workers(self, launch: Launch) -> None:
+        self._launch = launch
+        for rank in range(self.config.workers):
+            self.processes.append(launch(rank, 0))
+
+    def close(self) -> None:
+        """Stop and join every worker, then unlink the segments. Safe to call twice."""
+        if self._store is not None:
+            self._store.request_stop()
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        for p in self.processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+        for p in self.processes:
+            with contextlib.suppress(ValueError):
+                p.close()
+        self.processes = []
+        segments, self._segments = self._segments, []
+        for seg in segments:  # unlink first: it cannot fail on views still in use
+            seg.unlink()
+        for seg in segments:
+            # After an error, a traceback can still hold views (an evaluator, a counter
+            # row); the mapping is then released when they are collected.
+            with contextlib.suppress(BufferError):
+                seg.close()
+        self._store = None
+
+    # -- supervision --------------------------------------------------------------
+
+    def _cause_of_death(self, rank: int, now: float) -> tuple[str, bool] | None:
+        """Why worker ``rank`` is dead or hung, and whether a restart can help; None if well."""
+        p = self.processes[rank]
+        row = self.store.counters[rank]
+        code = p.exitcode
+        if code is not None:
+            if code == 0 and row[COUNTER["status"]] != STATUS["failed"]:
+                return None  # finished its share
+            if row[COUNTER["status"]] == STATUS["failed"] or code == 1:
+                # Python's exit code for an uncaught exception (also one raised while the
+                # worker was starting): the same code would raise again.
+                return "raised an exception; its traceback is above", False
+            if code < 0:
+                return f"killed by {signal.Signals(-code).name}", True
+            return f"exit code {code}", True
+        timeout = self.config.hang_timeout
+        if timeout and row[COUNTER["status"]] == STATUS["running"]:
+            silent = now - row[COUNTER["heartbeat"]]
+            if silent > timeout:
+                return f"hung: no step for {silent:.1f} s, --hang-timeout {timeout:g}", True
+        return None
+
+    def _supervise(self, *, restart: bool = True) -> None:
+        """Restart dead or hung workers, or raise :class:`WorkerError` past the limit."""
+        cfg = self.config
+        store = self.store
+        now = time.time()
+        dead: list[int] = []
+        for rank in range(len(self.processes)):
+            found = self._cause_of_death(rank, now)
+            if found is None:
+                continue
+            cause, restartable = found
+            if not restart and cause.startswith("killed"):
+                continue  # stopping anyway
+            if not restartable or not restart or self.restarts >= cfg.max_restarts:
+                limit = f" after {self.restarts} restart(s) (--max-restarts {cfg.max_restarts})"
+                raise WorkerError(
+                    f"worker {rank} died ({cause}){limit if restartable and restart else ''}. "
+                    "The run was stopped."
+                )
+            self.restarts += 1
+            print(
+                f"paramserver: worker {rank} died ({cause}); restarting it "
+                f"({self.restarts} of at most {cfg.max_restarts})",
+                file=sys.stderr,
+                flush=True,
+            )
+            p = self.processes[rank]
+            if p.is_alive():  # hung: end it first
+                p.kill()
+            p.join(JOIN_TIMEOUT)
+            dead.append(rank)
+        if self.restarts:  # free what the dead held (also locks leaked in a kill's window)
+            alive = np.array([p.is_alive() for p in self.processes])
+            assert self.policy is not None
+            self.policy.recover(store.counters, alive, dead)
+        for rank in dead:
+            row = store.counters[rank]
+            row[COUNTER["urgent"]] = 0
+            row[COUNTER["status"]] = STATUS["starting"]
+            row[COUNTER["restarts"]] += 1
+            old = self.processes[rank]
+            with contextlib.suppress(ValueError):
+                old.close()
+            assert self._launch is not None
+            self.processes[rank] = self._launch(rank, int(row[COUNTER["restarts"]]))
+        if dead:
+            self._restarted(dead)
+
+    def _restarted(self, ranks: list[int]) -> None:
+        """Called once workers ``ranks`` have been started again."""
+
+    def check_workers(self) -> None:
+        """Restart dead or hung workers as configured; raise :class:`WorkerError` when
+        one cannot be (for callers that drive a run themselves, like the benchmarks)."""
+        self._supervise()
+
+    def _join_workers(self) -> None:
+        """After a run: wait for every worker to stop; raise :class:`WorkerError` if one failed."""
+        for p in self.processes:
+            p.join(JOIN_TIMEOUT)
+        self._supervise(restart=False)
+
+    def worker_rows(self) -> list[dict[str, float]]:
+        return [dict(zip(COUNTER_FIELDS, map(float, row), strict=True)) for row in self.store.counters]
+
+    @contextlib.contextmanager
+    def _signals(self, extra: dict[int, Callable[[int, Any], None]] | None = None) -> Iterator[None]:
+        """While a run is watched from the main thread: SIGTERM raises :class:`Terminated`
+        there (the run stops like Ctrl-C) and ``extra`` handlers are installed; the
+        previous handlers come back afterwards."""
+        handlers: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+
+            def terminate(signum: int, frame: Any) -> None:
+                raise Terminated
+
+            for signum, handler in {signal.SIGTERM: terminate, **(extra or {})}.items():
+                handlers[signum] = signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, old in handlers.items():
+                signal.signal(signum, old)
