@@ -62,7 +62,7 @@ def thread_env(threads: int) -> Iterator[None]:
     thread it waits for is descheduled by another process on its core burns the
     time that thread needs. On 2 cores with another job running, a worker with 2
     threads made 12-38 updates/s of a digits MLP spinning, 1,700-1,900 waiting
-    passively (README, "How it works", Threads)."""
+    passively (README, "Threads")."""
     names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
     saved = {n: os.environ.get(n) for n in names}
     os.environ.update({n: str(threads) for n in names[:3]})
