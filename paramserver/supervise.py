@@ -55,18 +55,10 @@ class Terminated(Exception):
 @contextlib.contextmanager
 def thread_env(threads: int) -> Iterator[None]:
     """Thread-pool sizes for a child about to be spawned: BLAS and OpenMP read these
-    at import, which in a spawned child happens before any of our code runs.
-
-    OpenMP threads also wait passively (``OMP_WAIT_POLICY=PASSIVE``, unless the
-    caller's environment sets a policy): a thread that spins at a barrier while the
-    thread it waits for is descheduled by another process on its core burns the
-    time that thread needs. On 2 cores with another job running, a worker with 2
-    threads made 12-38 updates/s of a digits MLP spinning, 1,700-1,900 waiting
-    passively (README, "Threads")."""
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+    at import, which in a spawned child happens before any of our code runs."""
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
     saved = {n: os.environ.get(n) for n in names}
-    os.environ.update({n: str(threads) for n in names[:3]})
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.update({n: str(threads) for n in names})
     try:
         yield
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import multiprocessing as mp
-import os
 
 import numpy as np
 import pytest
@@ -253,18 +252,3 @@ class Exploding(NumpyMLP):
 def test_a_worker_that_raises_stops_the_run_with_a_clear_error(digits):
     with pytest.raises(ps.WorkerError, match="worker .* died"):
         ps.train(Exploding(64, 10, 8), digits, config(workers=2))
-
-
-def test_workers_get_pool_sizes_and_a_passive_openmp_wait_unless_the_caller_chose(monkeypatch):
-    from paramserver.supervise import thread_env
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    with thread_env(2):
-        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
-        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert os.environ["OMP_NUM_THREADS"] == "7" and "OMP_WAIT_POLICY" not in os.environ
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    with thread_env(1):
-        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
