@@ -244,7 +244,11 @@ def test_one_tf_worker_equals_single_process_tf_training(tf, digits, policy):
 def test_every_policy_runs_two_tf_workers_and_locking_ones_lose_no_update(policy):
     workers, steps, n = 2, 100, 200_000
     rng = np.random.default_rng(0)
-    data = ps.make_dataset(rng.normal(size=(64, 4)), rng.integers(0, 2, 64), classes=2)
+    x, y = rng.normal(size=(64, 4)).astype(np.float32), rng.integers(0, 2, 64)
+    # 64 training samples: each worker's shard is one batch of 32, so the gradient of the
+    # mean is exactly 1 (with 25 or 26 samples it is 1 +- an ulp, and the order in which
+    # two workers apply a stripe would then change its last bit).
+    data = ps.Dataset(x, y, x[:8], y[:8], 2)
     cfg = config(
         policy=policy, workers=workers, steps=workers * steps, epochs=10_000, lr=1.0, momentum=0.0,
         devices="/CPU:0",  # the device option, on the only device here
