@@ -387,3 +387,16 @@ def test_a3c_with_2_workers_solves_cartpole():
     assert result.stop_reason == "target", result.summary()
     assert result.mean_return is not None and result.mean_return >= 475.0
     assert no_children_left()
+
+
+DQN_BUDGET = 120.0
+"""Seconds of training in which DQN with 2 workers and the defaults solves CartPole-v1."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(DQN_BUDGET + 120)
+def test_dqn_with_2_workers_solves_cartpole():
+    result = train_rl(RLConfig(algo="dqn", workers=2, max_seconds=DQN_BUDGET, out_dir="", progress=False))
+    assert result.stop_reason == "target", result.summary()
+    assert result.mean_return is not None and result.mean_return >= 475.0
+    assert no_children_left()

@@ -239,8 +239,8 @@ class EnvGroup:
         self.returns = np.zeros(n)
         self.lengths = np.zeros(n, dtype=np.int64)
         self.steps = 0
-        """Environment steps taken, all environments together (by all lives of a restarted worker:
-        it sets this to its count so far)."""
+        """Environment steps taken, all environments together (a restarted worker sets it to
+        its count so far)."""
 
     def __len__(self) -> int:
         return len(self.envs)
