@@ -376,27 +376,16 @@ def test_importing_paramserver_imports_neither_torch_nor_gymnasium():
 
 # -- the long run --------------------------------------------------------------------------------
 
-SOLVE_BUDGET = 180.0
-"""Seconds of training the README promises for CartPole-v1 with A3C and 2 workers."""
+SOLVE_BUDGET = {"a3c": 180.0, "dqn": 120.0}
+"""Seconds of training the README promises for CartPole-v1 with 2 workers and the defaults."""
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(SOLVE_BUDGET + 120)
-def test_a3c_with_2_workers_solves_cartpole():
-    result = train_rl(RLConfig(algo="a3c", workers=2, max_seconds=SOLVE_BUDGET, out_dir="", progress=False))
-    assert result.stop_reason == "target", result.summary()
-    assert result.mean_return is not None and result.mean_return >= 475.0
-    assert no_children_left()
-
-
-DQN_BUDGET = 120.0
-"""Seconds of training in which DQN with 2 workers and the defaults solves CartPole-v1."""
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(DQN_BUDGET + 120)
-def test_dqn_with_2_workers_solves_cartpole():
-    result = train_rl(RLConfig(algo="dqn", workers=2, max_seconds=DQN_BUDGET, out_dir="", progress=False))
+@pytest.mark.timeout(max(SOLVE_BUDGET.values()) + 120)
+@pytest.mark.parametrize("algo", ["a3c", "dqn"])
+def test_2_workers_solve_cartpole(algo):
+    cfg = RLConfig(algo=algo, workers=2, max_seconds=SOLVE_BUDGET[algo], out_dir="", progress=False)
+    result = train_rl(cfg)
     assert result.stop_reason == "target", result.summary()
     assert result.mean_return is not None and result.mean_return >= 475.0
     assert no_children_left()
