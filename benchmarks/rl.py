@@ -143,9 +143,7 @@ def run(cfg: BenchConfig, report: Report) -> None:
         plan = {"a3c": [0, *counts], "dqn": [0, *[c for c in counts if c <= 2]]}
         target, budgets = 475.0, BUDGET
     for algo, contenders in plan.items():
-        # DQN runs take up to their budget each: at most 3 seeds keep the suite near 30 minutes.
-        repeats = cfg.n_repeats if algo == "a3c" else min(cfg.n_repeats, 3)
-        for rep in range(repeats):
+        for rep in range(cfg.n_repeats):
             for n in contenders:  # interleaved: a slow spell of the machine hits every contender
                 row = solve(algo, n, cfg.seed + rep, target=target, budget=budgets[algo])
                 curve = row.pop("curve")

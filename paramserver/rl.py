@@ -69,8 +69,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 # Defaults that differ by algorithm (a field left at None takes the algorithm's).
 ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "a3c": {"optimizer": "rmsprop", "lr": 7e-4, "hidden": 64, "max_grad_norm": 0.5},
-    "dqn": {"optimizer": "adam", "lr": 1e-3, "hidden": 128, "max_grad_norm": 10.0},
+    "a3c": {"optimizer": "rmsprop", "lr": 7e-4, "hidden": 64, "max_grad_norm": 0.5, "n_steps": 8},
+    "dqn": {"optimizer": "adam", "lr": 1e-3, "hidden": 128, "max_grad_norm": 10.0, "n_steps": 5},
 }
 
 
@@ -99,7 +99,10 @@ class RLConfig:
     max_grad_norm: float | None = _f(
         None, "clip each gradient to this L2 norm; default 0.5 a3c, 10 dqn; 0 = off"
     )
-    n_steps: int = _f(8, "a3c: steps per environment in each rollout (n-step returns)")
+    n_steps: int | None = _f(
+        None,
+        "n-step returns: a3c's rollout length per environment (default 8), dqn's multi-step target (5)",
+    )
     entropy_coef: float = _f(
         0.001, "a3c: weight of the entropy bonus (larger explores more; CartPole needs little)"
     )
@@ -158,7 +161,7 @@ class RLConfig:
             self.max_grad_norm is None or self.max_grad_norm >= 0,
             f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}",
         )
-        need(self.n_steps >= 1, f"n_steps must be at least 1, got {self.n_steps}")
+        need(self.n_steps is None or self.n_steps >= 1, f"n_steps must be at least 1, got {self.n_steps}")
         need(self.entropy_coef >= 0 and self.value_coef >= 0, "entropy_coef and value_coef must be >= 0")
         need(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         need(

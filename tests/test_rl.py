@@ -27,7 +27,7 @@ from paramserver.models.rl_models import build
 from paramserver.rl import RLConfig, RLServer, evaluate, train_rl
 from paramserver.store import list_segments, sweep_stale
 from paramserver.supervise import WorkerError
-from paramserver.workers.rl_worker import EnvGroup, bind
+from paramserver.workers.rl_worker import EnvGroup, NStep, ReplayPool, bind
 
 TIMEOUT = 120
 
@@ -157,6 +157,25 @@ def test_worker_r_seeds_its_environment_with_seed_plus_r():
     expected = gym.make("CartPole-v1").reset(seed=7 + 1)[0]
     np.testing.assert_array_equal(first_obs(7, 1), expected)
     assert not np.array_equal(first_obs(7, 0), first_obs(7, 1))
+
+
+@pytest.mark.parametrize("ending, alive", [("terminated", 0.0), ("truncated", 1.0)])
+def test_n_step_transitions_sum_rewards_and_discount_what_they_bootstrap_from(ending, alive):
+    # One environment, reward 1 per step, gamma 0.5, n = 3, an episode of 4 steps.
+    pool, n_step = ReplayPool(10, 1), NStep(3, 1, 0.5)
+    states = np.arange(5, dtype=np.float32).reshape(5, 1, 1)  # s0 .. s4
+    for t in range(4):
+        end = np.array([t == 3])
+        n_step.add(pool, states[t], np.array([t % 2]), np.ones(1), states[t + 1],
+                   end & (ending == "terminated"), end & (ending == "truncated"))  # fmt: skip
+    assert pool.size == 4
+    # s0 -> s3 with 1 + 0.5 + 0.25 and gamma^3; then the tail of the episode, bootstrapped
+    # from the final state with its own shorter discount after a time limit, not after an end.
+    np.testing.assert_array_equal(pool.obs[:4, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(pool.actions[:4], [0, 1, 0, 1])
+    np.testing.assert_allclose(pool.rewards[:4], [1.75, 1.75, 1.5, 1.0])
+    np.testing.assert_array_equal(pool.next_obs[:4, 0], [3, 4, 4, 4])
+    np.testing.assert_allclose(pool.discounts[:4], [0.125, 0.125 * alive, 0.25 * alive, 0.5 * alive])
 
 
 def test_one_worker_equals_the_same_loop_with_torch_optim():
@@ -311,6 +330,8 @@ def test_environment_errors_name_the_problem():
         train_rl(config(), env=lambda: gym.make("CartPole-v1"))
     with pytest.raises(ValueError, match="eps_end <= eps_start"):
         config(eps_start=0.1, eps_end=0.5)
+    with pytest.raises(ValueError, match="n_steps must be at least 1"):
+        config(algo="dqn", n_steps=0)
     with pytest.raises(ValueError, match="max_restarts must be >= 0"):
         config(max_restarts=-1)
     with pytest.raises(ValueError, match="hang_timeout must be >= 0"):
@@ -355,14 +376,16 @@ def test_importing_paramserver_imports_neither_torch_nor_gymnasium():
 
 # -- the long run --------------------------------------------------------------------------------
 
-SOLVE_BUDGET = 180.0
-"""Seconds of training the README promises for CartPole-v1 with A3C and 2 workers."""
+SOLVE_BUDGET = {"a3c": 180.0, "dqn": 120.0}
+"""Seconds of training the README promises for CartPole-v1 with 2 workers and the defaults."""
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(SOLVE_BUDGET + 120)
-def test_a3c_with_2_workers_solves_cartpole():
-    result = train_rl(RLConfig(algo="a3c", workers=2, max_seconds=SOLVE_BUDGET, out_dir="", progress=False))
+@pytest.mark.timeout(max(SOLVE_BUDGET.values()) + 120)
+@pytest.mark.parametrize("algo", ["a3c", "dqn"])
+def test_2_workers_solve_cartpole(algo):
+    cfg = RLConfig(algo=algo, workers=2, max_seconds=SOLVE_BUDGET[algo], out_dir="", progress=False)
+    result = train_rl(cfg)
     assert result.stop_reason == "target", result.summary()
     assert result.mean_return is not None and result.mean_return >= 475.0
     assert no_children_left()

@@ -18,6 +18,7 @@ its environments, and for DQN its replay pool and target network, start anew.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import os
@@ -238,8 +239,8 @@ class EnvGroup:
         self.returns = np.zeros(n)
         self.lengths = np.zeros(n, dtype=np.int64)
         self.steps = 0
-        """Environment steps taken, all environments together (by all lives of a restarted worker:
-        it sets this to its count so far)."""
+        """Environment steps taken, all environments together (a restarted worker sets it to
+        its count so far)."""
 
     def __len__(self) -> int:
         return len(self.envs)
@@ -304,6 +305,7 @@ def run_a3c(
     import torch
     import torch.nn.functional as F
 
+    assert cfg.n_steps is not None, "RLConfig fills in the algorithm's default"
     n, e, gamma = cfg.n_steps, len(envs), cfg.gamma
     obs_buf = np.empty((n, e, envs.obs.shape[1]), dtype=np.float32)
     act_buf = np.empty((n, e), dtype=np.int64)
@@ -357,36 +359,72 @@ def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class ReplayPool:
-    """This worker's own pool of transitions (a ring of ``capacity``); never shared."""
+    """This worker's own pool of transitions (a ring of ``capacity``); never shared.
+
+    A transition is ``(s, a, R, s', discount)``: the target is
+    ``R + discount * V(s')``, with ``discount`` 0 where the episode really ended."""
 
     def __init__(self, capacity: int, obs_dim: int):
         self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
         self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
         self.actions = np.zeros(capacity, dtype=np.int64)
         self.rewards = np.zeros(capacity, dtype=np.float32)
-        self.dones = np.zeros(capacity, dtype=np.float32)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
         self.capacity = capacity
         self.size = 0
         self.pos = 0
 
-    def add(
-        self,
-        obs: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
-        next_obs: np.ndarray,
-        dones: np.ndarray,
-    ) -> None:
-        for i in range(len(obs)):
-            j = self.pos
-            self.obs[j], self.actions[j], self.rewards[j] = obs[i], actions[i], rewards[i]
-            self.next_obs[j], self.dones[j] = next_obs[i], dones[i]
-            self.pos = (j + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+    def add(self, obs: np.ndarray, action: int, ret: float, next_obs: np.ndarray, discount: float) -> None:
+        j = self.pos
+        self.obs[j], self.actions[j], self.rewards[j] = obs, action, ret
+        self.next_obs[j], self.discounts[j] = next_obs, discount
+        self.pos = (j + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         idx = rng.integers(0, self.size, size=batch)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx]
+        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.discounts[idx]
+
+
+class NStep:
+    """Turns each environment's steps into n-step transitions for a :class:`ReplayPool`.
+
+    From ``s_t`` the transition sums ``k`` rewards, ``R = r_t + gamma r_{t+1} + ...
+    + gamma^(k-1) r_(t+k-1)``, and bootstraps from ``s_(t+k)`` with discount
+    ``gamma^k``: ``k = n``, or what is left of the episode at its end. At a real
+    end the discount is 0; at a time limit the final observation bootstraps. With
+    ``n = 1`` this is the one-step transition of plain DQN.
+    """
+
+    def __init__(self, n: int, envs: int, gamma: float):
+        self.n, self.gamma = n, gamma
+        self.windows: list[collections.deque[tuple[np.ndarray, int, float]]] = [
+            collections.deque() for _ in range(envs)
+        ]
+
+    def add(
+        self,
+        pool: ReplayPool,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        final: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+    ) -> None:
+        """One lockstep step of every environment (as :meth:`EnvGroup.step` returns it)."""
+        for i, window in enumerate(self.windows):
+            window.append((obs[i], int(actions[i]), float(rewards[i])))
+            if terminated[i] or truncated[i]:
+                while window:  # every state of the episode's tail gets its shorter return
+                    self._emit(pool, window, final[i], 0.0 if terminated[i] else 1.0)
+            elif len(window) == self.n:
+                self._emit(pool, window, final[i], 1.0)
+
+    def _emit(self, pool: ReplayPool, window: collections.deque, next_obs: np.ndarray, alive: float) -> None:
+        ret = sum(self.gamma**j * r for j, (_, _, r) in enumerate(window))
+        s, a, _ = window.popleft()
+        pool.add(s, a, ret, next_obs, alive * self.gamma ** (len(window) + 1))
 
 
 def epsilon(cfg: RLConfig, steps: int) -> float:
@@ -409,11 +447,12 @@ def run_dqn(
 
     Every ``train_every`` lockstep steps (after ``learning_starts`` transitions)
     the worker samples ``batch_size`` transitions from its pool and pushes the
-    gradient of the Huber loss against ``r + gamma * Q_target(s', a*)`` (``a*``
-    by the online network with ``double_dqn``, else by the target's own max). The
-    target network is a private copy of the shared parameters, refreshed every
+    gradient of the Huber loss against the ``n_steps``-step target
+    ``R + gamma^n * Q_target(s', a*)`` (:class:`NStep`; ``a*`` by the online
+    network with ``double_dqn``, else by the target's own max). The target
+    network is a private copy of the shared parameters, refreshed every
     ``update_steps`` of this worker's updates. An episode cut by a time limit is
-    not an end: its last transition bootstraps like any other.
+    not an end: its last transitions bootstrap like any other.
     """
     import torch
     import torch.nn.functional as F
@@ -429,7 +468,9 @@ def run_dqn(
                 tp.copy_(p)
 
     pool = ReplayPool(cfg.pool_size, envs.obs.shape[1])
-    gamma, e = cfg.gamma, len(envs)
+    e = len(envs)
+    assert cfg.n_steps is not None, "RLConfig fills in the algorithm's default"
+    n_step = NStep(cfg.n_steps, e, cfg.gamma)
     updates, ticks = 0, 0
     loss_value: float | None = None
     if report(envs.steps, None):
@@ -440,11 +481,11 @@ def run_dqn(
             greedy = model.act_logits(torch.from_numpy(obs)).argmax(1).numpy()
         explore = rng.random(e) < epsilon(cfg, envs.steps)
         actions = np.where(explore, rng.integers(0, envs.envs[0].action_space.n, size=e), greedy)
-        _, reward, terminated, _, final = envs.step(actions)
-        pool.add(obs, actions, reward, final, terminated.astype(np.float32))
+        _, reward, terminated, truncated, final = envs.step(actions)
+        n_step.add(pool, obs, actions, reward, final, terminated, truncated)
         ticks += 1
         if pool.size >= max(cfg.learning_starts, cfg.batch_size) and ticks % cfg.train_every == 0:
-            s, a, r, s2, d = (torch.from_numpy(x) for x in pool.sample(cfg.batch_size, rng))
+            s, a, r, s2, discount = (torch.from_numpy(x) for x in pool.sample(cfg.batch_size, rng))
             q_all = model(torch.cat([s, s2]) if cfg.double_dqn else s)
             q = q_all[: len(s)].gather(1, a.unsqueeze(1)).squeeze(1)
             with torch.no_grad():
@@ -454,7 +495,7 @@ def run_dqn(
                     v_next = q_next.gather(1, best).squeeze(1)
                 else:
                     v_next = q_next.max(1).values
-                y = r + gamma * (1.0 - d) * v_next
+                y = r + discount * v_next
             loss = F.smooth_l1_loss(q, y)
             if push(loss):
                 updates += 1
