@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np
+import psutil
 
 import paramserver as ps
 from paramserver.models.numpy_models import NumpyMLP, NumpyModel
@@ -92,3 +94,21 @@ class Faulty(NumpyMLP):
             os._exit(3)
         elif self.mode == "raise":
             raise RuntimeError("boom in user code")
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    """The spawned worker processes of the process ``pid`` (not its resource tracker)."""
+    return [
+        c for c in psutil.Process(pid).children()
+        if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
+    ]  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    """The output of ``proc`` once it exits; killed if it has not within ``timeout``."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from helpers import finish, workers_of
 
 from paramserver.benchmarks.rl import single_process, solve
 from paramserver.layout import Layout
@@ -268,22 +269,6 @@ def start_cli(out, *extra: str) -> subprocess.Popen:
             raise AssertionError(f"the run did not start: {proc.communicate(timeout=10)}")
         time.sleep(0.1)
     return proc
-
-
-def workers_of(pid: int) -> list[psutil.Process]:
-    return [
-        c for c in psutil.Process(pid).children()
-        if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
-    ]  # fmt: skip
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_sigterm_of_the_cli_stops_cleanly_and_writes_the_results(tmp_path):

@@ -14,7 +14,7 @@ import time
 
 import psutil
 import pytest
-from helpers import config
+from helpers import config, finish, workers_of
 
 import paramserver as ps
 from paramserver.checkpoint import load_checkpoint
@@ -38,13 +38,6 @@ def start_training(out, *extra: str, new_session: bool = False) -> subprocess.Po
     return proc
 
 
-def workers_of(pid: int) -> list[psutil.Process]:
-    return [
-        c for c in psutil.Process(pid).children()
-        if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())
-    ]  # fmt: skip
-
-
 def tmp_dirs_of(pid: int) -> list[str]:
     return glob.glob(os.path.join(tempfile.gettempdir(), f"{TMP_PREFIX}{pid}-*"))
 
@@ -52,15 +45,6 @@ def tmp_dirs_of(pid: int) -> list[str]:
 def only_run_dir(out):
     (d,) = list(out.iterdir())
     return d
-
-
-def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_workers_exit_on_their_own_when_the_server_is_killed(tmp_path):
