@@ -304,8 +304,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_version(path: str, v: Any) -> int:
-    if isinstance(v, str):  # the safetensors header holds it as decimal text
+def _check_version(path: str, v: Any, *, text: bool = False) -> int:
+    if text and isinstance(v, str):  # a safetensors header holds it as decimal text; JSON as a number
         v = int(v) if re.fullmatch(r"\d{1,19}", v) else v
     if not _is_int(v) or not 0 <= v < 2**63:
         raise _error(path, f"its version {v!r} is not a non-negative integer; the file is damaged")
@@ -391,7 +391,7 @@ def _check_counters(path: str, counters: Any) -> np.ndarray:
             rank = int(np.flatnonzero(~ok)[0])
             raise _error(
                 path,
-                f"worker {rank}'s {field} counter is {col[rank]!r}, not a whole number in "
+                f"worker {rank}'s {field} counter is {float(col[rank])!r}, not a whole number in "
                 f"[0, 2**53); the file is damaged: resume from another checkpoint",
             )
     return counters
@@ -453,7 +453,7 @@ def load_checkpoint(path: str) -> Checkpoint:
         "format_version": fmt_version,
         "layout": layout.to_dict(),
         "fingerprint": layout.fingerprint,
-        "version": _check_version(path, metadata["version"]),
+        "version": _check_version(path, metadata["version"], text=True),
         "config": _parse_json(path, "config", metadata["config"]),
         "time": _check_time(path, metadata.get("time")),
     }
@@ -637,7 +637,7 @@ def save_policy(path: str, state_dict: Mapping[str, np.ndarray], meta: Mapping[s
     or None when the run used an environment factory) and ``config`` (a dict).
     It is checked as :func:`load_policy_file` checks it, so what is written loads.
     """
-    model = _check_model_args(path, dict(meta["model"]))
+    model = _check_model_args(path, meta.get("model"))
     _check_policy_tensors(path, state_dict, model)
     env = meta.get("env")
     if env is not None:
