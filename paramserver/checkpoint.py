@@ -202,6 +202,8 @@ def save_checkpoint(
     file holds one moment's values (under po3 that moment may include
     half-applied updates, as any read of live parameters does).
     """
+    if isinstance(version, bool) or int(version) != version or not 0 <= version < 2**63:
+        raise ValueError(f"version must be a non-negative integer, got {version!r}")
     params = np.array(params, copy=True)
     state = np.array(state, copy=True)
     counters = np.array(counters, dtype=np.float64, copy=True)
@@ -253,10 +255,14 @@ def _read_safetensors(path: str, what: str) -> tuple[dict[str, str], dict[str, n
         with safetensors.safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
             names = f.keys()  # the handle itself is not iterable
-            tensors = {k: np.array(f.get_tensor(k)) for k in names}  # owned, writable copies
+            tensors = {k: f.get_tensor(k) for k in names}  # arrays of their own, not views of the file
     except (safetensors.SafetensorError, OSError) as e:
         raise _error(
             path, f"is truncated or damaged and cannot be read as a {what} ({e}); use another copy"
+        ) from None
+    except TypeError as e:  # a dtype NumPy lacks (bfloat16, float8): nothing here writes one
+        raise _error(
+            path, f"holds a tensor NumPy cannot represent ({e}); it is not a paramserver {what}"
         ) from None
     return metadata, tensors
 

@@ -218,3 +218,10 @@ def test_resume_errors_name_the_problem(digits, tmp_path):
         ps.train(NumpyMLP(64, 10, 16), digits, config(resume=str(other)))
     with pytest.raises(ValueError, match="raise --steps to train on"):
         ps.train(NumpyMLP(64, 10, 16), digits, config(steps=5, resume=first.checkpoint))
+
+
+@pytest.mark.parametrize("version", [-1, 1.5, True])
+def test_save_checkpoint_refuses_a_version_load_would_refuse(tmp_path, version):
+    with pytest.raises(ValueError, match="version must be a non-negative integer"):
+        save_checkpoint(str(tmp_path / FILENAME), layout=LAYOUT, version=version, config={}, **parts())
+    assert os.listdir(tmp_path) == []

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
+import safetensors.torch
 import torch
 
 from paramserver import checkpoint
@@ -320,6 +321,9 @@ def test_a_policy_round_trips(tmp_path):
     assert loaded.keys() == state.keys()
     for k in state:
         np.testing.assert_array_equal(loaded[k], state[k], err_msg=k)
+    from paramserver.models.rl_models import build
+
+    build(**meta["model"]).load_state_dict({k: torch.from_numpy(v) for k, v in loaded.items()}, strict=True)
 
 
 POLICY_CASES = {
@@ -405,6 +409,17 @@ def test_plain_env_ids_are_valid(env):
 def test_other_env_ids_are_refused(env):
     with pytest.raises(ValueError, match="pass --env"):
         checkpoint.validate_env_id(env)
+
+
+def test_a_dtype_numpy_lacks_is_refused(tmp_path):
+    path = str(tmp_path / "checkpoint.safetensors")
+    safetensors.torch.save_file(
+        {"counters": torch.zeros(2, WIDTH, dtype=torch.bfloat16)},
+        path,
+        metadata={"format": "paramserver-checkpoint", "format_version": "2"},
+    )
+    with refused(path, "NumPy cannot represent"):
+        checkpoint.load_checkpoint(path)
 
 
 def test_a_header_length_past_the_end_is_truncation(tmp_path):
