@@ -294,6 +294,8 @@ def _parse_json(path: str, what: str, text: str | bytes, kind: type = dict) -> A
         raise _error(
             path, f"its {what} is JSON nested too deeply to read; the file is damaged or hostile"
         ) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (CVE-2020-10735)
+        raise _error(path, f"its {what} cannot be read as JSON ({e}); the file is damaged") from None
     if _json_depth(value) > MAX_JSON_DEPTH:
         raise _error(
             path, f"its {what} is JSON nested deeper than {MAX_JSON_DEPTH} levels; the file is damaged"

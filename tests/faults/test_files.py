@@ -123,6 +123,7 @@ NPZ_CASES = {
         "dtype",
     ),
     "fingerprint does not match": (dict(meta=npz_meta(fingerprint="0" * 32)), "fingerprint"),
+    "version of 5000 digits": (dict(meta=b'{"version": ' + b"9" * 5000 + b"}"), "cannot be read as JSON"),
     "version negative": (dict(meta=npz_meta(version=-1)), "version -1 is not"),
     "version NaN": (dict(meta=npz_meta(version=float("nan"))), "version nan is not"),
     "version a fraction": (dict(meta=npz_meta(version=1.5)), "version 1.5 is not"),
