@@ -79,7 +79,7 @@ def measure(
     """The whole suite for worker ``counts`` (1 included: it is the baseline)."""
     import torch
 
-    from paramserver.api import _model_spec
+    from paramserver.api import model_spec
     from paramserver.data import make_dataset
     from paramserver.models.torch_models import MLP
 
@@ -98,7 +98,7 @@ def measure(
 
     # Everything the server side holds is built once, before any run, so that this
     # process (the server in both systems) holds the same objects in every run.
-    specs = {size: _model_spec(m, None, cfg.seed) for size, m in models.items()}
+    specs = {size: model_spec(m, None, cfg.seed) for size, m in models.items()}
     shared = {size: MLP(IN_FEATURES, CLASSES, **kw) for size, kw in (("big", big), ("tiny", TINY))}
     for size in shared:
         shared[size].load_state_dict(models[size].state_dict())
@@ -215,7 +215,6 @@ def _wait_running(system: str, steps: Callable[[], np.ndarray], procs: list[Any]
 def _paramserver_run(spec_layout_init: tuple[Any, Any, np.ndarray], data: Any, n: int, seed: int) -> Snapshot:
     from paramserver.config import TrainConfig
     from paramserver.server import ParameterServer
-    from paramserver.store import COUNTER
 
     spec, layout, init = spec_layout_init
     cfg = TrainConfig(
@@ -227,7 +226,8 @@ def _paramserver_run(spec_layout_init: tuple[Any, Any, np.ndarray], data: Any, n
 
         def steps() -> np.ndarray:
             # every step counts, finite or not (a non-finite one is counted apart)
-            return server.store.counters[:, COUNTER["steps"]] + server.store.counters[:, COUNTER["nonfinite"]]
+            rows = server.store.counters
+            return rows.column("steps") + rows.column("nonfinite")
 
         _wait_running("paramserver", steps, server.processes)
         pids = {"server": os.getpid()} | {f"worker {i}": p.pid for i, p in enumerate(server.processes)}

@@ -4,7 +4,7 @@
 
 Four measurements, all in this process, on real ``ParamStore`` segments:
 
-1. **update**: one ``policy.step(backward_noop, apply)`` where ``apply`` runs the
+1. **update**: one ``store.push(rank, backward, apply)`` of a ready gradient, where ``apply`` runs the
    update rule over ``[lo:hi]`` exactly as ``workers/worker.py`` does (state in the
    segment, scratch rows allocated once, ``t`` from the store's version), for each
    rule and policy and flat vectors of 1e4 to 1e7 float32, side by side with
@@ -15,9 +15,10 @@ Four measurements, all in this process, on real ``ParamStore`` segments:
 3. **profile**: where an update misses the target, the time of each NumPy pass of
    the rule (checked bitwise against the rule itself), and the same rule applied in
    cache-sized blocks, to show what the time goes to.
-4. **cnn**: a real training step of PyTorch's Hogwild CNN (batch 64, one thread) on a
-   segment: the torch work (forward, backward) against paramserver's part
-   (``grad.fill``, the finiteness check, the update under po3).
+4. **cnn**: the worker's real step (``workers.worker.prepare``) on PyTorch's Hogwild
+   CNN (batch 64, one thread) and a data segment, interleaved with the same model's
+   forward and backward alone: paramserver's part is the difference (batch slice,
+   ``grad.fill``, the finiteness check, the update under po3, the counters).
 
 Bytes: a copy of ``n`` float32 moves ``8n`` bytes (read ``src``, write ``dst``). An
 update moves at least the bytes it must read and write: the parameters (read and
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import pickle
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -43,7 +44,7 @@ import numpy as np
 from paramserver.layout import Layout
 from paramserver.optim import UPDATE_BLOCK, Updater, UpdateRule, make_rule
 from paramserver.policy import POLICIES, make_policy
-from paramserver.store import ParamStore
+from paramserver.store import Gradient, ParamStore
 
 from .common import BenchConfig, Report, timed
 
@@ -229,27 +230,27 @@ def _time_step(
     copy_dst: np.ndarray,
     repeats: int,
 ) -> tuple[float, float]:
-    """Best seconds of one ``policy.step`` with a no-op backward and the worker's ``apply``,
-    and of ``np.copyto`` of the parameter vector, interleaved with it."""
+    """Best seconds of one ``store.push`` (under ``policy``) of a ready gradient through the
+    worker's ``Updater``, and of ``np.copyto`` of the parameter vector, interleaved with it."""
     params = store.params
     state = store.state[: rule.state_slots]  # shared state, the worker's default
-    finite = bool(np.isfinite(grad.sum()))
-
+    gradient = Gradient(grad, finite=bool(np.isfinite(grad.sum())))
+    store.policy = policy
     update = Updater(rule, params, grad, state, LR)  # what a worker applies with
 
-    def apply(a: int, b: int) -> None:
-        # workers/worker.py's apply(), shared-state branch
-        if not finite:
+    def apply(g: Gradient, a: int, b: int) -> None:
+        if not g.finite:
             return
-        update.t = store.version() + 1
+        update.t = store.version() + 1  # shared state: Adam's step counts every update
         update(a, b)
 
-    def backward_noop() -> None:
-        pass
+    def ready() -> Gradient:
+        return gradient
 
     step, copy = interleaved_best(
-        [lambda: policy.step(backward_noop, apply, 0), lambda: np.copyto(copy_dst, params)], repeats
+        [lambda: store.push(0, ready, apply), lambda: np.copyto(copy_dst, params)], repeats
     )
+    store.policy = None
     return step, copy
 
 
@@ -522,109 +523,106 @@ def _profile(report: Report, rules: list[str], rng: np.random.Generator, repeats
 def _cnn_step(cfg: BenchConfig, report: Report, steps: int) -> None:
     import torch
 
-    from paramserver.config import TrainConfig
+    from paramserver import Dataset, TrainConfig, model_spec
+    from paramserver.data import share_training_data
     from paramserver.models.torch_models import HogwildNet
-    from paramserver.workers.backends import ModelSpec, TorchBackend
+    from paramserver.workers.worker import SupervisedTask, WorkerPlan, prepare
 
-    defaults = TrainConfig()  # the rule a default run uses (sgd, its momentum and lr)
-    rule = make_rule(defaults.optimizer, momentum=defaults.momentum)
+    config = TrainConfig(workers=1, batch_size=CNN_BATCH, epochs=10**6, out_dir="", progress=False)
+    rule = config.update_rule()  # the rule a default run uses (sgd, its momentum and lr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(cfg.seed)
-        model = HogwildNet()
-        layout = Layout.from_torch(model)
-        init = layout.flatten({n: p.detach().numpy() for n, p in model.named_parameters()})
         rng = np.random.default_rng(cfg.seed)
-        x = torch.from_numpy(rng.standard_normal((CNN_BATCH, 1, 28, 28)).astype(np.float32))
-        y = torch.from_numpy(rng.integers(0, 10, CNN_BATCH).astype(np.int64))
-        with ParamStore.create_for(layout, workers=1, state_slots=rule.state_slots) as store:
+        x = rng.standard_normal((CNN_BATCH * 8, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, CNN_BATCH * 8).astype(np.int64)
+        data = Dataset(x, y, x[:1], y[:1], 10, "cnn-step")
+        spec, layout, init = model_spec(HogwildNet(), None, cfg.seed, data)
+        with (
+            ParamStore.create_for(layout, workers=1, state_slots=rule.state_slots) as store,
+            share_training_data(data) as segment,
+        ):
             store.params[...] = init
-            spec = ModelSpec("torch", pickle.dumps(model))  # as the server sends it
-            figures = _cnn_steps(store, spec, TorchBackend, rule, defaults.lr, x, y, steps)
+            store.policy = make_policy("po3", layout.flat_size, None)
+            task = SupervisedTask(spec, segment, CNN_BATCH, config.epochs)
+            plan = WorkerPlan(rank=0, workers=1, cores=None, threads=1, parent_pid=os.getppid())
+            marks: list[tuple[str, float]] = []
+            clock = time.perf_counter
+
+            def probe(phase: str) -> None:
+                marks.append((phase, clock()))
+
+            step = prepare(plan, store, task, config, probe=probe)  # the worker's own step function
+            figures = _cnn_steps(step, task, marks, layout.unflatten(store.params), steps)
+            del step
+            task.close()
+            store.unbind()  # the policy's view of the worker's counter row
     finally:
         torch.set_num_threads(threads)
-    ps_part = figures["fill"] + figures["check"] + figures["update"]
-    torch_part = figures["forward"] + figures["backward"]
-    fraction = ps_part / (ps_part + torch_part)
+    torch_part = figures["forward"] + figures["backward"] - figures["fill"]
+    ps_part = max(0.0, figures["step"] - torch_part)
+    fraction = ps_part / figures["step"]
     report.add(
         SUITE,
         {"what": "cnn-step", "model": "HogwildNet", "batch": CNN_BATCH, "params": layout.num_params,
-         "steps": steps, "rule": f"{defaults.optimizer} m{defaults.momentum}", "policy": "po3",
+         "steps": steps, "rule": f"{config.optimizer} m{config.momentum}", "policy": "po3",
          **{f"{k}_seconds": v for k, v in figures.items() if k != "views"},
-         "paramserver_fraction": fraction},
+         "paramserver_seconds": ps_part, "paramserver_fraction": fraction},
     )  # fmt: skip
     report.table(
         SUITE,
-        ["HogwildNet step (median of steps)", "seconds", "of the step"],
-        [[k, figures[k], figures[k] / (ps_part + torch_part)]
-         for k in ("forward", "backward", "fill", "check", "update")]
+        ["HogwildNet step of the worker loop (median of steps)", "seconds", "of the step"],
+        [[k, figures[k], figures[k] / figures["step"]]
+         for k in ("step", "forward", "backward", "fill", "check", "update", "count")]
         + [["(check repeated at once, not in the step)", figures["check_again"], ""]],
     )  # fmt: skip
     report.note(
         SUITE,
         f"cnn: pull is zero copy ({figures['views']:.0f} of {len(layout)} parameter tensors are views "
-        f"of the segment, checked by data_ptr); of a HogwildNet step (batch {CNN_BATCH}, 1 thread, "
-        f"{layout.num_params} parameters, {steps} steps, medians) paramserver's part "
-        f"(grad.fill {figures['fill'] * 1e6:.1f} us + finiteness check {figures['check'] * 1e6:.1f} us "
-        f"+ {defaults.optimizer} update under po3 {figures['update'] * 1e6:.1f} us) is {fraction:.2%}; "
-        f"forward {figures['forward'] * 1e3:.2f} ms, backward {figures['backward'] * 1e3:.2f} ms. "
-        f"The finiteness check in the step (right after backward) takes "
-        f"{figures['check'] / figures['check_again']:.1f}x what the same check takes when repeated at "
-        f"once ({figures['check_again'] * 1e6:.1f} us, not counted in the step)",
+        f"of the segment, checked by data_ptr); a HogwildNet step of the worker loop itself "
+        f"(workers.worker.prepare, timed by its probe; batch {CNN_BATCH}, 1 thread, "
+        f"{layout.num_params} parameters, {steps} steps, medians) takes {figures['step'] * 1e3:.2f} ms: "
+        f"forward (batch slice + torch) {figures['forward'] * 1e3:.2f} ms, backward (grad.fill "
+        f"{figures['fill'] * 1e6:.1f} us, timed alone on the same buffer, + torch) "
+        f"{figures['backward'] * 1e3:.2f} ms, finiteness check {figures['check'] * 1e6:.1f} us, "
+        f"{config.optimizer} update under po3 {figures['update'] * 1e6:.1f} us, counters "
+        f"{figures['count'] * 1e6:.1f} us; paramserver's part (all but torch's forward and backward) "
+        f"is {ps_part * 1e6:.0f} us = {fraction:.2%}",
     )
 
 
-def _cnn_steps(store, spec, backend_cls, rule, lr, x, y, steps):  # type: ignore[no-untyped-def]
-    """The worker's step, with a clock between its parts; returns median seconds per part."""
-    params = store.params
-    layout = store.model_layout
-    grad = np.zeros_like(params)
-    state = store.state
-    scratch = np.zeros((rule.scratch_slots, params.size), params.dtype)
-    backend = backend_cls(spec, layout, params, grad)
-    views = layout.unflatten(params)
+def _cnn_steps(step, task, marks, views, steps):  # type: ignore[no-untyped-def]
+    """Median seconds of the worker's step and of each of its phases (from the loop's
+    probe ``marks``); ``grad.fill`` and the finiteness check are also timed alone on the
+    same buffer right after each step. ``views``: the segment's tensors."""
+    backend = task.model
     shared = sum(p.data_ptr() == views[n].ctypes.data for n, p in backend.model.named_parameters())
-    policy = make_policy("po3", params.size, None)
-    finite = True
-
-    def apply(a: int, b: int) -> None:
-        if not finite:
-            return
-        t = store.version() + 1
-        rule.apply(params[a:b], grad[a:b], state[:, a:b], t, lr, scratch[:, a:b])
-
-    def noop() -> None:
-        pass
-
+    grad = task.grad
     parts: dict[str, list[float]] = {
-        k: [] for k in ("forward", "backward", "fill", "check", "update", "check_again")
+        k: [] for k in ("step", "forward", "backward", "check", "update", "count", "fill", "check_again")
     }
     clock = time.perf_counter
     for i in range(CNN_WARMUP + steps):
+        marks.clear()
         t0 = clock()
-        loss = backend.loss_fn(backend.model(x), y)  # TorchBackend.forward, without its float()
-        loss_value = float(loss.detach())
+        assert step(), "the worker's step stopped early"
         t1 = clock()
-        grad.fill(0)  # TorchBackend.backward zeroes the flat gradient first
+        grad.fill(0)  # what TorchBackend.backward does first, alone
         t2 = clock()
-        loss.backward()
+        bool(np.isfinite(grad.sum()))  # the loop's check, alone, with warm caches
         t3 = clock()
-        finite = bool(np.isfinite(loss_value)) and bool(np.isfinite(grad.sum()))
-        t4 = clock()
-        policy.step(noop, apply, 0)
-        t5 = clock()
-        bool(np.isfinite(grad.sum()))  # not part of the step: the same check with warm caches
-        t6 = clock()
         if i >= CNN_WARMUP:
-            for k, a, b in (("forward", t0, t1), ("fill", t1, t2), ("backward", t2, t3),
-                            ("check", t3, t4), ("update", t4, t5), ("check_again", t5, t6)):  # fmt: skip
-                parts[k].append(b - a)
-        del loss
-    assert finite, "the CNN produced a non-finite gradient"
+            parts["step"].append(t1 - t0)
+            last = t0
+            for phase, t in marks:
+                parts[phase].append(t - last)
+                last = t
+            parts["fill"].append(t2 - t1)
+            parts["check_again"].append(t3 - t2)
     out = {k: statistics.median(v) for k, v in parts.items()}
     out["views"] = float(shared)
-    return out  # the backend and every view die with this frame, before the segment closes
+    return out  # every view dies with this frame, before the segments close
 
 
 # -- plot --------------------------------------------------------------------------------------

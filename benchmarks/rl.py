@@ -34,41 +34,33 @@ def single_process(cfg: Any, *, target: float, max_seconds: float, env: Any = EN
     """The same algorithm in this process: ``torch.optim`` on an ordinary model.
 
     Same network and initial parameters (``torch.manual_seed(cfg.seed)``), same
-    environments and seeds as worker 0 of a run, same loop
-    (:func:`~paramserver.workers.rl_worker.run_a3c`/``run_dqn``); the update is
-    ``torch.optim.RMSprop``/``Adam`` with the same hyperparameters and
-    ``clip_grad_norm_``. Stops at ``target`` (mean of the last ``cfg.window``
-    episodes), after ``max_seconds`` or after ``cfg.max_steps`` steps.
+    environments and seeds as worker 0 of a run, the very task a worker runs
+    (:class:`~paramserver.workers.rl_worker.A3CTask`/``DQNTask``: its forward, and its
+    backward with the same gradient clipping); the update is ``torch.optim.RMSprop``/
+    ``Adam`` with the same hyperparameters. Stops at ``target`` (mean of the last
+    ``cfg.window`` episodes), after ``max_seconds`` or after ``cfg.max_steps`` steps.
     """
     import torch
 
+    from paramserver.layout import Layout
     from paramserver.models.rl_models import build
     from paramserver.rl import inspect_env
-    from paramserver.workers.rl_worker import EnvGroup, run_a3c, run_dqn
+    from paramserver.workers.rl_worker import TASKS
+    from paramserver.workers.worker import Context
 
     info = inspect_env(env, cfg.algo)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    model = build(cfg.algo, info.obs_dim, info.n_actions, cfg.hidden)
-    if cfg.optimizer == "rmsprop":
-        opt: Any = torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    else:
-        raise ValueError(f"single_process runs rmsprop or adam, not {cfg.optimizer!r}")
-    updates = 0
-
-    def push(loss: Any) -> bool:
-        nonlocal updates
-        opt.zero_grad()
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-        if not math.isfinite(float(norm)):
-            return False
-        opt.step()
-        updates += 1
-        return True
-
+    model_args = {
+        "algo": cfg.algo,
+        "obs_dim": info.obs_dim,
+        "n_actions": info.n_actions,
+        "hidden": cfg.hidden,
+    }
+    initial = build(**model_args)
+    layout = Layout.from_torch(initial)
+    params = layout.flatten({n: p.detach().numpy() for n, p in initial.named_parameters()})
+    grad = np.zeros_like(params)
     recent: collections.deque[float] = collections.deque(maxlen=cfg.window)
     curve: list[tuple[float, float]] = []
     reached: list[float] = []
@@ -83,19 +75,34 @@ def single_process(cfg: Any, *, target: float, max_seconds: float, env: Any = EN
         if not reached and len(recent) == cfg.window and curve[-1][1] >= target:
             reached.append(curve[-1][0])
 
-    def report(env_steps: int, loss: float | None) -> bool:
-        over = (cfg.max_steps and env_steps >= cfg.max_steps) or time.time() - t0 >= max_seconds
-        return bool(reached or over)
-
-    envs = EnvGroup(env, cfg.envs_per_worker, cfg.seed, 0, 1, record)
-    rng = np.random.default_rng(cfg.seed)
+    task = TASKS[cfg.algo](cfg, env, model_args)
+    task.record = record
+    task.start(Context(0, 1, cfg, layout, params, grad, (0, 0), 0))
+    model = task.model
+    if cfg.optimizer == "rmsprop":
+        opt: Any = torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    else:
+        raise ValueError(f"single_process runs rmsprop or adam, not {cfg.optimizer!r}")
+    updates = env_steps = 0
     t0 = time.time()
     try:
-        (run_a3c if cfg.algo == "a3c" else run_dqn)(model, push, envs, cfg, rng, report)
+        while not reached and time.time() - t0 < max_seconds:
+            loss = task.forward()
+            env_steps += task.samples_taken
+            if loss is not None:
+                finite = task.backward().finite
+                if finite:
+                    opt.step()
+                    updates += 1
+                task.stepped(finite)
+            if cfg.max_steps and env_steps >= cfg.max_steps:
+                break
     finally:
-        envs.close()
+        task.close()
     return {
-        "model": model, "seconds": time.time() - t0, "env_steps": envs.steps, "updates": updates,
+        "model": model, "seconds": time.time() - t0, "env_steps": env_steps, "updates": updates,
         "episodes": episodes, "reached": bool(reached), "seconds_to_target": reached[0] if reached else None,
         "mean_return": float(np.mean(recent)) if recent else None, "curve": curve,
     }  # fmt: skip

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.layout import Layout
-from paramserver.store import COUNTER, ParamStore, Segment
+from paramserver.store import ParamStore, Segment
 
 from .common import BenchConfig, Report, median
 
@@ -77,8 +77,8 @@ def _sgd(rank: int, n: int, store: ParamStore, data: Segment, lock: Any, epochs:
     indptr, indices, values, y = data["indptr"], data["indices"], data["values"], data["y"]
     lo, hi = len(y) * rank // n, len(y) * (rank + 1) // n
     rng = np.random.default_rng(rank)
-    row = store.counters[rank]
-    row[COUNTER["started"]] = time.time()
+    row = store.counters.row(rank)
+    row.started = time.time()
     for _ in range(epochs):
         for i in rng.permutation(np.arange(lo, hi)):
             a, b = indptr[i], indptr[i + 1]
@@ -90,8 +90,8 @@ def _sgd(rank: int, n: int, store: ParamStore, data: Segment, lock: Any, epochs:
             else:
                 with lock:
                     w[idx] -= g * v
-        row[COUNTER["samples"]] += hi - lo
-    row[COUNTER["finished"]] = time.time()
+        row.samples += hi - lo
+    row.finished = time.time()
 
 
 def measure(data: dict[str, np.ndarray], n: int, locked: bool, epochs: int) -> dict[str, float]:
@@ -118,7 +118,7 @@ def measure(data: dict[str, np.ndarray], n: int, locked: bool, epochs: int) -> d
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"a sparse worker failed: exit codes {[p.exitcode for p in procs]}")
         c = store.counters
-        seconds = float(c[:, COUNTER["finished"]].max() - c[:, COUNTER["started"]].min())
+        seconds = float(c.column("finished").max() - c.column("started").min())
         loss = log_loss(store.params, data)
         del c
     return {"seconds": seconds, "loss": loss}

@@ -51,8 +51,8 @@ def task_data(task: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
 
 def task_model(task: str) -> Any:
     """The ``KerasModel`` of a task: the Hogwild CNN or the 64-unit MLP."""
+    from paramserver import KerasModel
     from paramserver.models import tf_models
-    from paramserver.workers.tf_backend import KerasModel
 
     if task == "cnn":
         return KerasModel(functools.partial(tf_models.hogwild_net, (28, 28, 1), 10))
@@ -162,9 +162,8 @@ def measure_single(task: str, threads: int, seconds: float, pull: bool = False) 
 
 def measure_paramserver(task: str, n: int, policy: str, seconds: float) -> float:
     import paramserver as ps
-    from paramserver.api import _model_spec
+    from paramserver.api import model_spec
     from paramserver.server import ParameterServer
-    from paramserver.store import COUNTER
 
     x, y, batch = task_data(task)
     data = ps.Dataset(x, y, x[:1], y[:1], 10, task)
@@ -172,10 +171,10 @@ def measure_paramserver(task: str, n: int, policy: str, seconds: float) -> float
         workers=n, policy=policy, lr=LR, momentum=MOMENTUM, shared_state=False, batch_size=batch,
         epochs=10**6, out_dir="", progress=False,
     )  # fmt: skip
-    spec, layout, init = _model_spec(task_model(task), None, 0, data)
+    spec, layout, init = model_spec(task_model(task), None, 0, data)
     with ParameterServer(spec, layout, init, data, cfg) as server:
         return _window(
-            lambda: server.store.counters[:, COUNTER["samples"]].copy(),
+            lambda: server.store.counters.column("samples").copy(),
             server.check_workers,
             WARMUP_STEPS * batch,
             seconds,

@@ -215,9 +215,8 @@ def measure_manager(task: str, n: int, seconds: float) -> float:
 
 def measure_paramserver(task: str, n: int, policy: str, seconds: float) -> float:
     import paramserver as ps
-    from paramserver.api import _model_spec
+    from paramserver.api import model_spec
     from paramserver.server import ParameterServer
-    from paramserver.store import COUNTER
 
     x, y, batch = task_data(task, 0)
     # The held-out split is not used here; keep it tiny.
@@ -226,11 +225,11 @@ def measure_paramserver(task: str, n: int, policy: str, seconds: float) -> float
         workers=n, policy=policy, lr=LR, momentum=MOMENTUM, shared_state=False, batch_size=batch,
         epochs=10**6, out_dir="", progress=False,
     )  # fmt: skip
-    spec, layout, init = _model_spec(task_model(task), None, 0)
+    spec, layout, init = model_spec(task_model(task), None, 0)
     with ParameterServer(spec, layout, init, data, cfg) as server:
         # No view of the segment may outlive the block (it is closed on exit).
         return _window(
-            lambda: server.store.counters[:, COUNTER["samples"]].copy(),
+            lambda: server.store.counters.column("samples").copy(),
             server.check_workers,
             WARMUP_STEPS * batch,
             seconds,

@@ -7,16 +7,32 @@ framework they do not use); NumPy models in ``numpy_models``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 MODELS = {"torch": ("mlp", "cnn"), "tf": ("mlp", "cnn"), "numpy": ("mlp", "softmax")}
+
+
+def square_side(input_shape: tuple[int, ...], layout: str) -> int | None:
+    """The side of square images flattened into ``input_shape`` (one axis); None when the
+    inputs are not flat. ``layout`` names the image shape to reshape to in the error."""
+    if len(input_shape) != 1:
+        return None
+    side = math.isqrt(input_shape[0])
+    if side * side != input_shape[0]:
+        raise ValueError(
+            f"cnn needs square images; inputs of {input_shape[0]} features are not; "
+            f"reshape them to {layout} or use --model mlp"
+        )
+    return side
 
 
 def build_model(backend: str, name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64) -> Any:
     """The model ``name`` of ``backend`` for inputs of ``input_shape`` (for tf: a
     ``KerasModel``, the factory each worker builds the model with)."""
     if backend == "tf":
-        from paramserver.workers.tf_backend import KerasModel, import_tf
+        from paramserver.api import KerasModel
+        from paramserver.workers.tf_backend import import_tf
 
         import_tf()  # quietly, and with a clear message if it is missing
         from .tf_models import build as tf_build

@@ -15,10 +15,11 @@ does so only when asked for a ``tf`` model.
 from __future__ import annotations
 
 import functools
-import math
 
 import keras
 from keras import layers
+
+from paramserver.models import square_side
 
 
 def mlp(input_shape: tuple[int, ...], classes: int, hidden: int = 64, depth: int = 1) -> keras.Model:
@@ -33,13 +34,8 @@ def mlp(input_shape: tuple[int, ...], classes: int, hidden: int = 64, depth: int
 
 def _to_images(input_shape: tuple[int, ...]) -> tuple[list[layers.Layer], int, int]:
     """Layers turning inputs of ``input_shape`` into channels-last images; channels; side."""
-    if len(input_shape) == 1:
-        side = math.isqrt(input_shape[0])
-        if side * side != input_shape[0]:
-            raise ValueError(
-                f"cnn needs square images; inputs of {input_shape[0]} features are not; "
-                "reshape them to (side, side, channels) or use --model mlp"
-            )
+    side = square_side(input_shape, "(side, side, channels)")
+    if side is not None:
         return [layers.Reshape((side, side, 1))], 1, side
     if len(input_shape) == 2 and input_shape[0] == input_shape[1]:
         return [layers.Reshape((*input_shape, 1))], 1, input_shape[0]

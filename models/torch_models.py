@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paramserver.models import square_side
+
 
 class MLP(nn.Module):
     """Flatten, then ``layers`` hidden ReLU layers of ``hidden`` units, then logits."""
@@ -70,13 +72,8 @@ def build(name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 6
     if name == "mlp":
         return MLP(math.prod(input_shape), classes, hidden)
     if name == "cnn":
-        if len(input_shape) == 1:
-            side = math.isqrt(input_shape[0])
-            if side * side != input_shape[0]:
-                raise ValueError(
-                    f"cnn needs square images; inputs of {input_shape[0]} features are not; "
-                    "reshape them to (channels, side, side) or use --model mlp"
-                )
+        side = square_side(input_shape, "(channels, side, side)")
+        if side is not None:
             return nn.Sequential(nn.Unflatten(1, (1, side, side)), CNN(1, side, classes, hidden=hidden))
         if len(input_shape) == 3 and input_shape[1] == input_shape[2]:
             return CNN(input_shape[0], input_shape[1], classes, hidden=hidden)

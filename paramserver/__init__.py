@@ -7,19 +7,30 @@ po3, striped). Reinforcement learning on gymnasium (A3C, DQN) shares an agent
 the same way: ``paramserver.train_rl`` (:mod:`paramserver.rl`).
 """
 
-from .api import train
-from .config import TrainConfig, TrainJob
+from .api import KerasModel, model_spec, train
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import RunConfig, TrainConfig, TrainJob
 from .data import Dataset, load, load_digits, make_dataset
 from .layout import Layout
 from .optim import RULES, make_rule
 from .policy import POLICIES, make_policy
 from .rl import RLConfig, RLResult, train_rl  # imports neither torch nor gymnasium
-from .server import ParameterServer, TrainResult, WorkerError
-from .store import ParamStore, Segment, SegmentError
-from .workers.tf_backend import KerasModel  # TensorFlow itself is imported only when used
+from .server import Job, ParameterServer, Server, TrainResult, WorkerError
+from .store import Counters, Gradient, ParamStore, Segment, SegmentError, ShmStore, SparseRows, Store
 
 __all__ = [
+    "Checkpoint",
+    "Counters",
+    "Gradient",
+    "Job",
     "POLICIES",
+    "RunConfig",
+    "Server",
+    "ShmStore",
+    "SparseRows",
+    "Store",
+    "load_checkpoint",
+    "model_spec",
     "RLConfig",
     "RLResult",
     "RULES",

@@ -8,6 +8,7 @@ print(result.summary())       # model now holds the trained parameters
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,48 @@ from .layout import Layout
 from .server import ParameterServer, TrainResult
 
 
-def _as_dataset(data: Any, seed: int) -> Dataset:
+@dataclass(frozen=True, eq=False)
+class KerasModel:
+    """A TensorFlow model for :func:`paramserver.train`: how to build it, not the model.
+
+    ``factory()`` returns a Keras 3 model (Sequential, functional or subclassed)
+    or a ``tf.Module`` whose ``__call__(x)`` returns logits. It runs in every
+    worker (TensorFlow variables cannot be shared), so it must pickle: a
+    module-level function or a ``functools.partial`` of one, and it must build
+    the same variables every time. Initial values come from the server's build.
+    """
+
+    factory: Callable[[], Any]
+    input_shape: tuple[int, ...] | None = None
+    """Shape of one input (set from the data): a model without variables yet is called once on zeros."""
+    calibration: np.ndarray | None = None
+    """Training inputs for the server's copy to re-estimate batch-norm statistics (set from the data)."""
+
+    def __post_init__(self) -> None:
+        if looks_like_tf_model(self.factory):
+            raise TypeError(
+                "KerasModel takes a factory that builds the model, not the model: "
+                "KerasModel(build) where build() returns it"
+            )
+        if not callable(self.factory):
+            raise TypeError(
+                "KerasModel needs a factory, a callable that builds the model; "
+                f"got {type(self.factory).__name__}"
+            )
+
+
+def is_keras(obj: Any) -> bool:
+    """A Keras object (without importing Keras)."""
+    return any(c.__module__.split(".")[0] in ("keras", "tf_keras") for c in type(obj).__mro__)
+
+
+def looks_like_tf_model(obj: Any) -> bool:
+    """A Keras model or ``tf.Module`` instance (without importing TensorFlow)."""
+    return is_keras(obj) or any(c.__module__.startswith("tensorflow") for c in type(obj).__mro__)
+
+
+def as_dataset(data: Any, seed: int) -> Dataset:
+    """``data`` as a :class:`Dataset`: a Dataset, ``(x, y)`` or ``(x, y, x_test, y_test)``."""
     if isinstance(data, Dataset):
         return data
     if isinstance(data, tuple) and len(data) == 2:
@@ -30,58 +72,19 @@ def _as_dataset(data: Any, seed: int) -> Dataset:
     )
 
 
-def _model_spec(
+def model_spec(
     model: Any, loss: Callable[..., Any] | None, seed: int, data: Dataset | None = None
 ) -> tuple[Any, Layout, np.ndarray]:
-    """The spec workers rebuild the model from, its layout and its initial flat vector.
+    """The spec workers rebuild ``model`` from, its layout and its initial flat vector.
 
-    A ``KerasModel`` is built once here (TensorFlow is imported then, never by
-    ``import paramserver``); ``data`` gives its input shape and a sample for
-    batch-norm statistics.
+    The model's backend is chosen by the registry
+    (:func:`paramserver.workers.backends.backend_for`). A ``KerasModel`` is built
+    once here (TensorFlow is imported then, never by ``import paramserver``);
+    ``data`` gives its input shape and a sample for batch-norm statistics.
     """
-    from paramserver.models.numpy_models import NumpyModel
-    from paramserver.workers import tf_backend
-    from paramserver.workers.backends import ModelSpec
+    from paramserver.workers.backends import backend_for
 
-    if isinstance(model, tf_backend.KerasModel):
-        if data is None:
-            raise ValueError("a KerasModel needs the data set (its input shape) to be built")
-        return tf_backend.model_spec(model, loss, data.input_shape, data.x_train)
-    if tf_backend.looks_like_tf_model(model):
-        raise TypeError(
-            f"pass TensorFlow models as paramserver.KerasModel(factory), where factory() builds "
-            f"the model in each worker; got a built {type(model).__name__}"
-        )
-    if isinstance(model, NumpyModel):
-        if loss is not None:
-            raise ValueError("NumPy models have a built-in softmax cross-entropy; do not pass loss")
-        init = model.init(np.random.default_rng(seed))
-        layout = Layout.from_arrays(init)
-        return ModelSpec("numpy", model), layout, layout.flatten(init)
-    try:
-        import torch
-    except ImportError:
-        torch = None  # type: ignore[assignment]
-    if torch is not None and isinstance(model, torch.nn.Module):
-        import pickle
-
-        layout = Layout.from_torch(model)
-        layout.dtype  # noqa: B018 (raises for mixed dtypes, naming the fix)
-        init = layout.flatten(
-            {n: p.detach().cpu().numpy() for n, p in model.named_parameters() if p.requires_grad}
-        )
-        try:
-            payload = pickle.dumps(model)
-        except Exception as e:
-            raise TypeError(
-                f"the model could not be pickled for the worker processes ({e}); define its "
-                "class at module level (and guard the script with if __name__ == '__main__')"
-            ) from None
-        return ModelSpec("torch", payload, loss), layout, init
-    raise TypeError(
-        f"model must be a torch.nn.Module, a paramserver.KerasModel or a "
-        f"paramserver.models.numpy_models.NumpyModel, got {type(model).__name__}"
-    )
+    return backend_for(model).make_spec(model, loss, seed, data)
 
 
 def train(
@@ -105,34 +108,16 @@ def train(
     Keras for tf (default sparse categorical cross-entropy from logits). ``callback``: called by the
     server a few times a second with progress figures; returning True stops the run.
     """
+    from paramserver.workers.backends import backend_class
+
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a paramserver.TrainConfig, got {type(config).__name__}")
-    dataset = _as_dataset(data, config.seed)
-    spec, layout, init = _model_spec(model, loss, config.seed, dataset)
-    if config.device_list:
-        if spec.backend != "tf":
-            raise ValueError(
-                f"devices apply to the tf backend only; the {spec.backend} model runs on the CPU"
-            )
-        from paramserver.workers.tf_backend import check_devices
-
-        check_devices(config.device_list)
+    dataset = as_dataset(data, config.seed)
+    spec, layout, init = model_spec(model, loss, config.seed, dataset)
+    backend = backend_class(spec.backend)
+    backend.check_config(config)
     with ParameterServer(spec, layout, init, dataset, config, callback=callback) as server:
         result = server.run()
-    if spec.backend == "torch":
-        import torch
-
-        from paramserver.workers.backends import CALIBRATION_SAMPLES, recalibrate_batch_norm
-
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in result.params:
-                    p.copy_(torch.from_numpy(result.params[name]))
-        recalibrate_batch_norm(model, dataset.x_train[:CALIBRATION_SAMPLES])
-    result.model = model
-    if spec.backend == "tf":
-        from paramserver.workers.backends import make_backend
-
-        result.model = make_backend(spec, layout, layout.flatten(result.params)).trained_model()
+    result.model = backend.hand_back(model, spec, layout, result.params, dataset)
     return result

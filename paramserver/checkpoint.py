@@ -47,7 +47,7 @@ import safetensors
 import safetensors.numpy
 
 from .layout import Layout
-from .store import COUNTER, COUNTER_FIELDS
+from .store import COUNTER_FIELDS, Counters
 
 FORMAT = "paramserver-checkpoint"
 FORMAT_VERSION = 2
@@ -391,8 +391,9 @@ def _check_counters(path: str, counters: Any) -> np.ndarray:
             f"its counters are {rows} x {cols}, expected at least one worker's row of "
             f"{len(COUNTER_FIELDS)} fields; the file is damaged or from an incompatible paramserver",
         )
+    named = Counters(counters[:, : len(COUNTER_FIELDS)])
     for field in _INTEGER_COUNTERS:
-        col = counters[:, COUNTER[field]]
+        col = named.column(field)
         ok = np.isfinite(col) & (col >= 0) & (col < MAX_INT)
         ok[ok] = col[ok] == np.floor(col[ok])
         if not ok.all():

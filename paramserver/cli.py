@@ -4,9 +4,10 @@
     paramserver inspect                                 # live segments
     paramserver inspect psrv_1234_0123abcd              # layout and counters of one
     paramserver clean                                   # remove segments of dead runs
+    paramserver report runs/<run>                       # PNG plots of a run
     paramserver bench --quick                           # benchmark suites (paramserver.benchmarks)
     paramserver rl --algo a3c --env CartPole-v1         # reinforcement learning (paramserver.rl)
-    paramserver rl --evaluate runs/<run>/policy.pt      # a saved policy's mean return
+    paramserver rl --evaluate runs/<run>/policy.safetensors      # a saved policy's mean return
 
 Options of ``train`` are generated from :class:`paramserver.config.TrainJob`,
 one per field, and those of ``rl`` from :class:`paramserver.rl.RLConfig`.
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show the layout and live counters of a running server")
     inspect.add_argument("name", nargs="?", help="segment name (omit to list live segments)")
     sub.add_parser("clean", help="remove segments left behind by runs whose server is dead")
+    report = sub.add_parser("report", help="draw PNG plots of a finished (or running) run from its directory")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run's directory (runs/<time>-...)")
+    report.add_argument("--out-dir", default=None, help="where to write the PNGs (default: RUN_DIR/report)")
     from paramserver.benchmarks.common import BenchConfig
 
     from .rl import RLConfig
@@ -84,22 +88,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .models import build_model
 
     job = TrainJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainJob)})
-    if job.backend == "torch":
-        try:
-            import torch
-        except ImportError:
-            raise UsageError("--backend torch needs PyTorch: pip install 'paramserver[torch]'") from None
-        torch.manual_seed(job.seed)  # the initial parameters
-    if job.backend == "tf":
-        from paramserver.workers.tf_backend import import_tf
+    from paramserver.workers.backends import backend_class
 
-        try:
-            import_tf()
-        except ImportError as e:
-            raise UsageError(f"--backend tf: {e}") from None
-        import keras
-
-        keras.utils.set_random_seed(job.seed)  # the initial parameters
+    try:
+        backend_class(job.backend).seed_initial(job.seed)  # imports the framework; the initial parameters
+    except ImportError as e:
+        raise UsageError(f"--backend {job.backend}: {e}") from None
     dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
     model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden)
     print(
@@ -138,7 +132,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .store import COUNTER_FIELDS, ParamStore, list_segments
+    from .store import Counters, ShmStore, list_segments, status_name
 
     if not args.name:
         segs = list_segments()
@@ -149,7 +143,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 f"{name}  creator pid {pid}  {'running' if alive else 'DEAD (paramserver clean removes it)'}"
             )
         return 0
-    store = ParamStore.attach(args.name, kind=None)
+    store = ShmStore.attach(args.name, kind=None)
     try:
         meta = store.meta
         print(f"segment {store.name}: {meta.get('kind')}, {store.size:,} bytes")
@@ -167,12 +161,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                    "nonfinite", "restarts", "heartbeat", "pid")  # fmt: skip
         print("\nworker " + " ".join(f"{c:>11}" for c in columns))
         now = time.time()
-        for rank, row in enumerate(store.counters.copy()):
-            v = dict(zip(COUNTER_FIELDS, row, strict=True))
-            steps = v["steps"]
+        rows = Counters(store["counters"].copy(), store.base_version)
+        stale = rows.mean_staleness()
+        for rank, v in enumerate(rows.as_dicts()):
             cells = [
-                _status_name(v["status"]), f"{int(steps)}", f"{int(v['samples'])}", f"{int(v['epoch'])}",
-                f"{v['loss']:.4f}", f"{v['staleness_sum'] / steps if steps else 0.0:.2f}",
+                status_name(v["status"]), f"{int(v['steps'])}", f"{int(v['samples'])}", f"{int(v['epoch'])}",
+                f"{v['loss']:.4f}", f"{stale[rank]:.2f}",
                 f"{int(v['staleness_max'])}", f"{v['lr']:.3g}", f"{int(v['nonfinite'])}",
                 f"{int(v['restarts'])}", f"{max(0.0, now - v['heartbeat']):.1f}s" if v["heartbeat"] else "-",
                 f"{int(v['pid'])}",
@@ -181,12 +175,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
-
-
-def _status_name(v: float) -> str:
-    from .store import STATUS
-
-    return next((k for k, s in STATUS.items() if s == v), f"?{v}")
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -200,6 +188,12 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report_command
+
+    return report_command(args.run_dir, args.out_dir)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from paramserver.benchmarks.common import BenchConfig
     from paramserver.benchmarks.runner import run
@@ -208,7 +202,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "rl": cmd_rl, "inspect": cmd_inspect, "clean": cmd_clean, "bench": cmd_bench}
+COMMANDS = {
+    "train": cmd_train, "rl": cmd_rl, "inspect": cmd_inspect, "clean": cmd_clean, "report": cmd_report,
+    "bench": cmd_bench,
+}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

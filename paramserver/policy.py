@@ -10,11 +10,11 @@ striped    parallel  parallel                  per-stripe locks      consistent 
                                                                      different stripes run at once
 =========  ========  ========================  ====================  ==================================
 
-A policy is created by the server (its locks come from the server's
-multiprocessing context) and handed to each worker when the worker starts;
-locks cannot be sent later. The worker calls :meth:`Policy.step` once per
-training step with two callbacks: ``backward()`` computes the gradient and
-``apply(lo, hi)`` applies the update rule to ``params[lo:hi]``.
+A policy is the shared-memory store's business (:class:`paramserver.store.ShmStore`
+holds it and travels with it to each worker when the worker starts; locks
+cannot be sent later). Each push of a worker runs :meth:`Policy.step` with two
+callbacks: ``backward()`` computes the gradient and ``apply(gradient, lo, hi)``
+applies the update rule to the part of it in ``params[lo:hi]``.
 
 A worker killed while it holds a lock would block every other worker for ever.
 So each worker records in its own counter row which lock or slot it holds
@@ -33,21 +33,23 @@ from typing import Any
 
 import numpy as np
 
-from .store import COUNTER
-
 POLICIES = ("po1", "po2", "po3", "striped")
 LEAK_SECONDS = 1.0
 """A lock taken while no live worker claims it for this long was leaked by a dead one."""
 
-Apply = Callable[[int, int], None]
-_LOCK, _SLOT = COUNTER["held_lock"], COUNTER["held_slot"]
+Backward = Callable[[], Any]
+"""Computes the gradient (a :class:`paramserver.store.Gradient`)."""
+Apply = Callable[[Any, int, int], None]
+"""``apply(gradient, lo, hi)``: the update rule over ``params[lo:hi]``."""
+_LOCK, _SLOT = "held_lock", "held_slot"
+"""The counter columns where a worker records what it holds."""
 
 
 class _NoClaims:
     """Stands in for a counter row until a worker binds its own."""
 
-    def __setitem__(self, key: int, value: float) -> None:
-        pass
+    held_lock = 0.0
+    held_slot = 0.0
 
 
 class Policy(ABC):
@@ -59,8 +61,9 @@ class Policy(ABC):
         self.row: Any = _NoClaims()
         self._unclaimed_since: dict[int, float] = {}
 
-    def bind(self, row: np.ndarray) -> None:
-        """Record this worker's claims (``held_lock``, ``held_slot``) in its counter ``row``."""
+    def bind(self, row: Any) -> None:
+        """Record this worker's claims (``held_lock``, ``held_slot``) in its counter ``row``
+        (a :class:`paramserver.store.Row`)."""
         self.row = row
 
     def unbind(self) -> None:
@@ -68,33 +71,35 @@ class Policy(ABC):
         self.row = _NoClaims()
 
     @abstractmethod
-    def step(self, backward: Callable[[], None], apply: Apply, rank: int = 0) -> None:
+    def step(self, backward: Backward, apply: Apply, rank: int = 0) -> None:
         """Run ``backward()`` then ``apply`` over the whole vector, locked as the policy says."""
 
     # -- recovery, on the server's side --------------------------------------------
 
-    def _semaphores(self) -> list[tuple[Any, int, int, int]]:
+    def _semaphores(self) -> list[tuple[Any, int, str, int]]:
         """(semaphore, capacity, counter column, claim value) of every lock and slot."""
         return []
 
-    def recover(self, counters: np.ndarray, alive: np.ndarray, dead: list[int] | None = None) -> int:
+    def recover(self, counters: Any, alive: np.ndarray, dead: list[int] | None = None) -> int:
         """Give back what dead workers held; return how many locks or slots were freed.
 
-        ``counters`` are the workers' rows, ``alive`` a mask of live workers and
+        ``counters`` are the workers' rows (:class:`paramserver.store.Counters`),
+        ``alive`` a mask of live workers and
         ``dead`` the ranks that just died (their claims are freed at once; other
         shortfalls only once they outlast :data:`LEAK_SECONDS`). Called by the
         server only, and never while the dead workers' rows are being reused.
         """
         freed = 0
         now = time.monotonic()
-        for i, (sem, capacity, col, value) in enumerate(self._semaphores()):
+        for i, (sem, capacity, name, value) in enumerate(self._semaphores()):
+            col = counters.column(name)
             for r in dead or []:
-                if counters[r, col] == value:
-                    counters[r, col] = 0
+                if col[r] == value:
+                    col[r] = 0
                     if sem._semlock._get_value() < capacity:
                         sem.release()
                         freed += 1
-            claimed = int(np.count_nonzero(counters[alive, col] == value))
+            claimed = int(np.count_nonzero(col[alive] == value))
             missing = capacity - claimed - sem._semlock._get_value()
             if missing <= 0:
                 self._unclaimed_since.pop(i, None)
@@ -119,12 +124,11 @@ class PO1(Policy):
 
     def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
         with self.lock:
-            self.row[_LOCK] = 1
+            self.row.held_lock = 1
             try:
-                backward()
-                apply(0, self.size)
+                apply(backward(), 0, self.size)
             finally:
-                self.row[_LOCK] = 0
+                self.row.held_lock = 0
 
     def _semaphores(self):  # type: ignore[no-untyped-def]
         return [(self.lock, 1, _LOCK, 1)]
@@ -145,17 +149,17 @@ class PO2(Policy):
 
     def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
         with self.slots:
-            self.row[_SLOT] = 1
+            self.row.held_slot = 1
             try:
-                backward()
+                gradient = backward()
             finally:
-                self.row[_SLOT] = 0
+                self.row.held_slot = 0
         with self.lock:
-            self.row[_LOCK] = 1
+            self.row.held_lock = 1
             try:
-                apply(0, self.size)
+                apply(gradient, 0, self.size)
             finally:
-                self.row[_LOCK] = 0
+                self.row.held_lock = 0
 
     def _semaphores(self):  # type: ignore[no-untyped-def]
         return [(self.lock, 1, _LOCK, 1), (self.slots, self.k, _SLOT, 1)]
@@ -173,8 +177,7 @@ class PO3(Policy):
     name = "po3"
 
     def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
-        backward()
-        apply(0, self.size)
+        apply(backward(), 0, self.size)
 
 
 class Striped(Policy):
@@ -196,17 +199,17 @@ class Striped(Policy):
         self.locks = [ctx.Lock() for _ in self.bounds]
 
     def step(self, backward, apply, rank=0):  # type: ignore[no-untyped-def]
-        backward()
+        gradient = backward()
         n = len(self.bounds)
         for i in range(n):
             j = (i + rank) % n
             lo, hi = self.bounds[j]
             with self.locks[j]:
-                self.row[_LOCK] = j + 1
+                self.row.held_lock = j + 1
                 try:
-                    apply(lo, hi)
+                    apply(gradient, lo, hi)
                 finally:
-                    self.row[_LOCK] = 0
+                    self.row.held_lock = 0
 
     def _semaphores(self):  # type: ignore[no-untyped-def]
         return [(lock, 1, _LOCK, j + 1) for j, lock in enumerate(self.locks)]

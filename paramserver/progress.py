@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from .store import COUNTER
+from .store import Counters
 
 BARS = " ▁▂▃▄▅▆▇█"
 REFRESH_TTY = 0.25
@@ -28,8 +28,8 @@ class Progress:
         self.last_draw = 0.0 if not self.tty else -1e9
         self.width = 0
 
-    def update(self, elapsed: float, rows: np.ndarray, loss: float | None) -> None:
-        self.history.append((elapsed, rows[:, [COUNTER["samples"], COUNTER["steps"]]].copy()))
+    def update(self, elapsed: float, rows: Counters, loss: float | None) -> None:
+        self.history.append((elapsed, np.stack([rows.column("samples"), rows.column("steps")], axis=1)))
         while len(self.history) > 2 and elapsed - self.history[1][0] >= RATE_WINDOW:
             self.history.pop(0)
         if not self.enabled:
@@ -48,24 +48,23 @@ class Progress:
             return 0.0, np.zeros(len(b))
         return float((b[:, 0] - a[:, 0]).sum() / dt), (b[:, 1] - a[:, 1]) / dt
 
-    def line(self, elapsed: float, rows: np.ndarray, loss: float | None) -> str:
-        samples = rows[:, COUNTER["samples"]].sum()
+    def line(self, elapsed: float, rows: Counters, loss: float | None) -> str:
+        samples = rows.column("samples").sum()
         frac = samples / self.total_samples if self.total_samples else 0.0
         if self.steps:
-            frac = max(frac, rows[:, COUNTER["steps"]].sum() / self.steps)
+            frac = max(frac, rows.updates() / self.steps)
         rate, per_worker = self.rates()
         top = max(float(per_worker.max()), 1e-9) if len(per_worker) else 1.0
         bars = "".join(BARS[int(round(r / top * (len(BARS) - 1)))] for r in per_worker)
         loss_text = "  -   " if loss is None else f"{loss:.4f}"
         each = float(per_worker.mean()) if len(per_worker) else 0.0
-        steps = rows[:, COUNTER["steps"]].sum()
-        stale = rows[:, COUNTER["staleness_sum"]].sum() / steps if steps else 0.0
+        stale = rows.staleness()["mean"]
         text = (
             f"{min(frac, 1.0):4.0%} {elapsed:6.1f}s | {rate:9,.0f} samples/s | "
             f"loss {loss_text} | workers [{bars}] {each:,.0f} steps/s each | stale {stale:.1f}"
         )
-        nonfinite = int(rows[:, COUNTER["nonfinite"]].sum())
-        restarts = int(rows[:, COUNTER["restarts"]].sum())
+        nonfinite = int(rows.column("nonfinite").sum())
+        restarts = int(rows.column("restarts").sum())
         if nonfinite:
             text += f" | {nonfinite} non-finite skipped"
         if restarts:

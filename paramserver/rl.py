@@ -1,7 +1,7 @@
 """Reinforcement learning on gymnasium: A3C-style actor-critic and parallel DQN.
 
     paramserver rl --algo a3c --env CartPole-v1 --workers 2
-    paramserver rl --evaluate runs/<run>/policy.pt
+    paramserver rl --evaluate runs/<run>/policy.safetensors
 
     import paramserver.rl as rl
     result = rl.train_rl(rl.RLConfig(algo="a3c", workers=2), callback=print)
@@ -31,29 +31,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import math
-import multiprocessing as mp
 import os
 import pickle
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .config import RLConfig
 from .layout import Layout
-from .machine import machine_info, usable_cores
-from .optim import RULES, UpdateRule, make_rule
-from .policy import POLICIES, make_policy
 from .progress import BARS, Progress
-from .store import COUNTER, STATUS, ParamStore, Segment, sweep_stale
-from .supervise import Supervisor, Terminated, run_span
+from .server import Job, Server, note, staleness_of, summary_tail, write_json
+from .store import Counters, Segment
 
-ALGOS = ("a3c", "dqn")
-PIN_CHOICES = ("auto", "on", "off")
-POLL_SECONDS = 0.1
 EPISODE_FIELDS = ("return", "length", "time")
 """One row of a worker's episode ring: return, length in steps, time.time() at its end."""
 RING = 4096
@@ -61,146 +52,6 @@ RING = 4096
 episodes if one worker finishes more than 40,000 a second."""
 
 EnvFactory = Callable[[], Any]
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
-
-# Defaults that differ by algorithm (a field left at None takes the algorithm's).
-ALGO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "a3c": {"optimizer": "rmsprop", "lr": 7e-4, "hidden": 64, "max_grad_norm": 0.5, "n_steps": 8},
-    "dqn": {"optimizer": "adam", "lr": 1e-3, "hidden": 128, "max_grad_norm": 10.0, "n_steps": 5},
-}
-
-
-@dataclass
-class RLConfig:
-    """How to train an agent: algorithm, environment, workers, update rule, budget, output."""
-
-    algo: str = _f(
-        "a3c", "algorithm: a3c (actor-critic, n-step returns) or dqn (replay pools)", choices=ALGOS
-    )
-    env: str = _f("CartPole-v1", "gymnasium environment id (discrete actions, vector observations)")
-    workers: int = _f(2, "worker processes, each with its own environments")
-    envs_per_worker: int = _f(4, "environments each worker steps in lockstep (one batched forward pass)")
-    policy: str = _f("po3", "locking policy for updates of the shared parameters", choices=POLICIES)
-    k: int = _f(1, "po2: backward passes allowed at once")
-    stripes: int = _f(8, "striped: number of independently locked stripes")
-    optimizer: str | None = _f(None, "update rule; default rmsprop for a3c, adam for dqn", choices=RULES)
-    lr: float | None = _f(None, "learning rate; default 7e-4 for a3c, 1e-3 for dqn")
-    alpha: float = _f(0.99, "rmsprop: square-average decay")
-    eps: float = _f(1e-5, "adam/rmsprop: denominator epsilon")
-    beta1: float = _f(0.9, "adam: first-moment decay")
-    beta2: float = _f(0.999, "adam: second-moment decay")
-    shared_state: bool = _f(True, "keep optimizer state in shared memory (A3C's shared RMSProp)")
-    gamma: float = _f(0.99, "discount factor")
-    hidden: int | None = _f(None, "hidden units per layer; default 64 for a3c, 128 for dqn")
-    max_grad_norm: float | None = _f(
-        None, "clip each gradient to this L2 norm; default 0.5 a3c, 10 dqn; 0 = off"
-    )
-    n_steps: int | None = _f(
-        None,
-        "n-step returns: a3c's rollout length per environment (default 8), dqn's multi-step target (5)",
-    )
-    entropy_coef: float = _f(
-        0.001, "a3c: weight of the entropy bonus (larger explores more; CartPole needs little)"
-    )
-    value_coef: float = _f(0.5, "a3c: weight of the value loss")
-    pool_size: int = _f(50_000, "dqn: transitions in each worker's replay pool")
-    batch_size: int = _f(64, "dqn: transitions per update, sampled from the worker's own pool")
-    learning_starts: int = _f(1_000, "dqn: transitions a worker collects before its first update")
-    train_every: int = _f(1, "dqn: environment steps (of all its envs) between a worker's updates")
-    update_steps: int = _f(
-        100,
-        "dqn: a worker refreshes its target network from the shared params every this many of its updates",
-    )
-    eps_start: float = _f(1.0, "dqn: initial exploration rate (epsilon-greedy)")
-    eps_end: float = _f(0.02, "dqn: final exploration rate")
-    eps_decay_steps: int = _f(10_000, "dqn: environment steps per worker over which epsilon decays linearly")
-    double_dqn: bool = _f(True, "dqn: pick the next action with the online network (double DQN)")
-    target_return: float | None = _f(
-        None,
-        "stop when the mean return of the last `window` episodes reaches this; default: reward_threshold",
-    )
-    window: int = _f(100, "episodes (all workers together) in the mean return the target is checked on")
-    max_steps: int = _f(0, "environment steps across workers; 0 = no limit")
-    max_seconds: float = _f(0.0, "wall-time budget for training in seconds; 0 = none")
-    pin: str = _f("auto", "pin each worker to a core (auto: when workers <= cores)", choices=PIN_CHOICES)
-    nice: int = _f(0, "niceness for workers (0 = unchanged)")
-    threads: int = _f(1, "torch threads per worker (small networks run fastest on one)")
-    seed: int = _f(0, "random seed; worker r uses seed + r (its environments, torch, numpy)")
-    max_restarts: int = _f(3, "restarts of dead or hung workers before the run is stopped")
-    hang_timeout: float = _f(60.0, "seconds without a step before a worker counts as hung; 0 = never")
-    eval_episodes: int = _f(100, "episodes --evaluate runs (greedy actions)")
-    out_dir: str = _f("runs", "directory for results; each run writes a new subdirectory ('' = none)")
-    progress: bool = _f(True, "show a live progress line on stderr")
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(msg)
-
-        need(self.algo in ALGOS, f"unknown algorithm {self.algo!r}; choose one of {', '.join(ALGOS)}")
-        need(isinstance(self.env, str) and bool(self.env), "env must be a gymnasium id such as 'CartPole-v1'")
-        need(self.workers >= 1, f"workers must be at least 1, got {self.workers}")
-        need(self.envs_per_worker >= 1, f"envs_per_worker must be at least 1, got {self.envs_per_worker}")
-        need(self.policy in POLICIES, f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        need(self.k >= 1 and self.stripes >= 1, "k and stripes must be at least 1")
-        need(
-            self.optimizer is None or self.optimizer in RULES,
-            f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(RULES)}",
-        )
-        need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
-        need(0 <= self.alpha < 1, f"alpha must be in [0, 1), got {self.alpha}")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        need(self.eps > 0, f"eps must be positive, got {self.eps}")
-        need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
-        need(self.hidden is None or self.hidden >= 1, f"hidden must be at least 1, got {self.hidden}")
-        need(
-            self.max_grad_norm is None or self.max_grad_norm >= 0,
-            f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}",
-        )
-        need(self.n_steps is None or self.n_steps >= 1, f"n_steps must be at least 1, got {self.n_steps}")
-        need(self.entropy_coef >= 0 and self.value_coef >= 0, "entropy_coef and value_coef must be >= 0")
-        need(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
-        need(
-            self.pool_size >= self.batch_size,
-            f"pool_size ({self.pool_size}) must hold at least one batch ({self.batch_size})",
-        )
-        need(self.learning_starts >= 0, f"learning_starts must be >= 0, got {self.learning_starts}")
-        need(self.train_every >= 1, f"train_every must be at least 1, got {self.train_every}")
-        need(self.update_steps >= 1, f"update_steps must be at least 1, got {self.update_steps}")
-        need(
-            0 <= self.eps_end <= self.eps_start <= 1,
-            f"exploration needs 0 <= eps_end <= eps_start <= 1, got {self.eps_end} and {self.eps_start}",
-        )
-        need(self.eps_decay_steps >= 0, f"eps_decay_steps must be >= 0, got {self.eps_decay_steps}")
-        need(self.window >= 1, f"window must be at least 1, got {self.window}")
-        need(self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
-        need(self.max_seconds >= 0, f"max_seconds must be >= 0 (0 = none), got {self.max_seconds}")
-        need(self.pin in PIN_CHOICES, f"pin must be one of {', '.join(PIN_CHOICES)}, got {self.pin!r}")
-        need(-20 <= self.nice <= 19, f"nice must be in [-20, 19], got {self.nice}")
-        need(self.threads >= 1, f"threads must be at least 1, got {self.threads}")
-        need(self.eval_episodes >= 1, f"eval_episodes must be at least 1, got {self.eval_episodes}")
-        need(self.max_restarts >= 0, f"max_restarts must be >= 0, got {self.max_restarts}")
-        need(self.hang_timeout >= 0, f"hang_timeout must be >= 0 (0 = never), got {self.hang_timeout}")
-        # The algorithm's defaults, filled in once so that every process sees the same values.
-        for name, value in ALGO_DEFAULTS[self.algo].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def update_rule(self) -> UpdateRule:
-        assert self.optimizer is not None
-        return make_rule(self.optimizer, betas=(self.beta1, self.beta2), eps=self.eps, alpha=self.alpha)
-
-    @property
-    def learning_rate(self) -> float:
-        assert self.lr is not None
-        return self.lr
 
 
 # -- environments ------------------------------------------------------------------------
@@ -218,17 +69,9 @@ class EnvInfo:
 
 def make_env(env: str | EnvFactory) -> Any:
     """An environment from a gymnasium id or a factory; unknown ids are a ValueError."""
-    if callable(env):
-        return env()
-    import gymnasium as gym
+    from paramserver.workers.rl_worker import make_env as make
 
-    try:
-        return gym.make(env)
-    except gym.error.Error as e:
-        raise ValueError(
-            f"unknown environment {env!r} ({e}); give a registered gymnasium id such as "
-            "'CartPole-v1' (gymnasium.pprint_registry() lists them) or pass a factory"
-        ) from None
+    return make(env)
 
 
 def inspect_env(env: str | EnvFactory, algo: str) -> EnvInfo:
@@ -304,9 +147,19 @@ class RLResult:
     curve: list[tuple[float, float]] = field(default_factory=list, repr=False)
     """(seconds since the first step, mean return of the last ``window`` episodes), per episode."""
 
+    checkpoint: str | None = None
+    """The final checkpoint's path (when the run had an output directory)."""
+    version: int = 0
+    """Global update count at the end, including a resumed checkpoint's updates."""
+
     @property
     def steps_per_second(self) -> float:
         return self.env_steps / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def staleness(self) -> dict[str, float]:
+        """Mean and max staleness of the updates of this run, over all workers."""
+        return staleness_of(self.workers)
 
     def summary(self) -> str:
         mean = "n/a" if self.mean_return is None else f"{self.mean_return:.1f}"
@@ -321,46 +174,25 @@ class RLResult:
             f"{self.updates} updates in {self.train_seconds:.1f} s ({self.steps_per_second:,.0f} steps/s; "
             f"start-up {self.startup_seconds:.1f} s)"
         )
-        if self.restarts:
-            out += f"; {self.restarts} worker restart(s)"
-        if self.run_dir:
-            out += f"\nresults written to {self.run_dir}"
-        return out
+        return out + summary_tail(self.restarts, self.run_dir)
 
     def to_dict(self) -> dict[str, Any]:
         skip = {"params", "curve"}
         doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         doc["steps_per_second"] = self.steps_per_second
+        doc["staleness"] = self.staleness
         return doc
 
 
-# -- the server ----------------------------------------------------------------------------
+# -- the job -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where and how one worker runs, decided by the server."""
+class RLJob(Job):
+    """Reinforcement learning under the one server: the agent's parameters in the store,
+    each worker's episodes in its ring of an episode segment; stops at the target mean
+    return, the step budget or the time budget."""
 
-    cores: tuple[int, ...] | None
-    threads: int
-    max_steps: int
-    """Environment steps this worker takes at most (0 = no limit)."""
-    parent_pid: int
-    life: int = 0
-    """0 for the first start, n for the n-th restart (a restart does not wait for the others)."""
-
-
-class RLServer(Supervisor):
-    """Owns the parameter and episode segments and the worker processes of one RL run.
-
-    A context manager: segments and processes are released on exit, whatever happened::
-
-        with RLServer(config) as server:
-            result = server.run()
-    """
-
-    config: RLConfig
-    _episodes: Segment | None = None
+    kind = "rl"
 
     def __init__(
         self,
@@ -369,7 +201,11 @@ class RLServer(Supervisor):
         env: str | EnvFactory | None = None,
         callback: Callable[[dict[str, Any]], bool | None] | None = None,
     ):
-        super().__init__(config)
+        import torch
+
+        from paramserver.models.rl_models import build
+
+        self.config = config
         self.env = env if env is not None else config.env
         if not isinstance(self.env, str):
             if not callable(self.env):
@@ -389,240 +225,188 @@ class RLServer(Supervisor):
                 "--max-steps or --max-seconds, or the run would never stop"
             )
         self.callback = callback
-        self.run_dir: str | None = None
-        self._started = 0.0
-        self.model: Any = None
-        self.layout: Layout | None = None
-
-    @property
-    def episodes(self) -> Segment:
-        assert self._episodes is not None, "server not started"
-        return self._episodes
+        with torch.random.fork_rng():  # the initial parameters, without touching the caller's RNG
+            torch.manual_seed(config.seed)
+            self.model = build(**self.model_args())
+        self.layout = Layout.from_torch(self.model)
+        self.init = self.layout.flatten({n: p.detach().numpy() for n, p in self.model.named_parameters()})
 
     def model_args(self) -> dict[str, Any]:
         cfg = self.config
+        return {"algo": cfg.algo, "obs_dim": self.info.obs_dim, "n_actions": self.info.n_actions,
+                "hidden": cfg.hidden}  # fmt: skip
+
+    def run_dir_name(self) -> str:
+        cfg = self.config
+        env = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.env)
+        return f"rl-{cfg.algo}-{env}-w{cfg.workers}"
+
+    def prepare(self, server: Server) -> None:
+        self.episodes = server.own(Segment.create(episode_layout(self.config.workers), {"kind": "episodes"}))
+
+    def task(self, server: Server) -> Any:
+        from paramserver.workers.rl_worker import TASKS
+
+        return TASKS[self.config.algo](self.config, self.env, self.model_args(), self.episodes)
+
+    def plan(self, server: Server, rank: int) -> dict[str, Any]:
+        cfg = self.config
+        samples = 0
+        if cfg.max_steps:
+            samples = max(1, cfg.max_steps // cfg.workers + (rank < cfg.max_steps % cfg.workers))
+        return {"samples": samples, "total_updates": cfg.lr_total}
+
+    def progress(self) -> Progress:
+        return _RLProgress(self, enabled=self.config.progress, total_samples=self.config.max_steps)
+
+    def begin(self, server: Server) -> None:
+        cfg = self.config
+        self.ring, self.count = self.episodes["ring"], self.episodes["count"]
+        self.seen = np.zeros(cfg.workers, dtype=np.int64)
+        self.missed = 0
+        self.recent: collections.deque[float] = collections.deque(maxlen=cfg.window)
+        self.curve: list[tuple[float, float]] = []
+        self.best: float | None = None
+        self.at_target: tuple[float, int] | None = None
+        self.episodes_total = 0
+        self.log = None
+        if server.run_dir:
+            self.log = open(os.path.join(server.run_dir, "episodes.jsonl"), "w", buffering=1)  # noqa: SIM115
+
+    def metrics(self) -> dict[str, Any]:
         return {
-            "algo": cfg.algo,
-            "obs_dim": self.info.obs_dim,
-            "n_actions": self.info.n_actions,
-            "hidden": cfg.hidden,
+            "episodes": self.episodes_total,
+            "mean_return": float(np.mean(self.recent)) if self.recent else None,
         }
 
-    def start(self) -> None:
-        import torch
+    def poll(self, server: Server, elapsed: float, rows: Counters) -> str | None:
+        import json
 
-        from paramserver.models.rl_models import build
-        from paramserver.workers.rl_worker import rl_worker_main
+        cfg, ring, count = self.config, self.ring, self.count
+        assert server.t0 is not None
+        new = []  # new episodes of every worker, in the order they ended
+        for w in range(cfg.workers):
+            n = int(count[w])
+            first = max(int(self.seen[w]), n - RING)
+            self.missed += first - int(self.seen[w])
+            for i in range(first, n):
+                ret, length, t_end = ring[w, i % RING]
+                new.append((t_end, w, i, float(ret), int(length)))
+            self.seen[w] = n
+        new.sort()
+        reason = None
+        for t_end, w, i, ret, length in new:
+            self.episodes_total += 1
+            self.recent.append(ret)
+            mean = float(np.mean(self.recent))
+            elapsed_ep = t_end - server.t0
+            full = len(self.recent) == cfg.window
+            if full:
+                self.best = mean if self.best is None else max(self.best, mean)
+            self.curve.append((elapsed_ep, mean))
+            doc = {"worker": w, "episode": i, "return": ret, "length": length,
+                   "time": round(elapsed_ep, 4), "wall_time": round(t_end, 4),
+                   "mean_return": round(mean, 3)}  # fmt: skip
+            if self.log is not None:
+                self.log.write(json.dumps(doc) + "\n")
+            if server.tensorboard is not None:
+                from .tensorboard import episode_scalars
 
+                server.tensorboard.add(self.episodes_total, episode_scalars(doc), wall_time=t_end)
+            if self.callback is not None and self.callback({**doc, "episodes": self.episodes_total}):
+                reason = "callback"
+            if self.target is not None and full and mean >= self.target and self.at_target is None:
+                self.at_target = (elapsed_ep, int(rows.column("samples").sum()))
+                reason = "target"
+            if reason:
+                break
+        return reason
+
+    def end(self, server: Server) -> None:
+        if self.log is not None:
+            self.log.close()
+
+    def result(self, server: Server, reason: str) -> RLResult:
         cfg = self.config
-        self._started = time.time()
-        sweep_stale()
-        with torch.random.fork_rng():  # the initial parameters, without touching the caller's RNG
-            torch.manual_seed(cfg.seed)
-            self.model = build(**self.model_args())
-        self.layout = layout = Layout.from_torch(self.model)
-        rule = cfg.update_rule()
-        self._store = self._own(ParamStore.create_for(
-            layout, workers=cfg.workers, state_slots=rule.state_slots if cfg.shared_state else 0,
-            meta={"config": cfg.to_dict(), "server_pid": os.getpid(), "backend": "torch", "job": "rl"},
-        ))  # fmt: skip
-        self.store.params[...] = layout.flatten(
-            {n: p.detach().numpy() for n, p in self.model.named_parameters()}
-        )
-        self._episodes = self._own(Segment.create(episode_layout(cfg.workers), {"kind": "episodes"}))
-
-        # spawn, not fork: an OpenMP pool in this process (torch is imported) can hang
-        # forked children. A context, not set_start_method().
-        ctx = mp.get_context("spawn")
-        # Kept for the whole run: a lock's name goes when its creator is collected.
-        self.policy = make_policy(cfg.policy, layout.flat_size, ctx, k=cfg.k, stripes=cfg.stripes)
-        self.start_barrier = ctx.Barrier(cfg.workers)
-        cores = usable_cores()
-        pin = cfg.pin == "on" or (cfg.pin == "auto" and cfg.workers * cfg.threads <= len(cores))
-        model_args = self.model_args()
-
-        def launch(rank: int, life: int) -> mp.process.BaseProcess:
-            steps = 0
-            if cfg.max_steps:
-                steps = max(1, cfg.max_steps // cfg.workers + (rank < cfg.max_steps % cfg.workers))
-            mine = tuple(cores[(rank * cfg.threads + i) % len(cores)] for i in range(cfg.threads))
-            placement = Placement(mine if pin else None, cfg.threads, steps, os.getpid(), life)
-            args = (rank, self.store, self.episodes, self.policy, self.start_barrier, cfg, self.env,
-                    model_args, placement)  # fmt: skip
-            return self._spawn(ctx, rl_worker_main, args, name=f"paramserver-rl-worker-{rank}",
-                               threads=cfg.threads)  # fmt: skip
-
-        self._start_workers(launch)
-
-    def close(self) -> None:
-        """Stop and join every worker, then unlink the segments. Safe to call twice."""
-        super().close()
-        self._episodes = None
-
-    def run(self) -> RLResult:
-        """Watch the workers until a stop criterion holds; save the policy; return the result.
-
-        From the main thread it also handles SIGTERM: the run stops like Ctrl-C,
-        and the results and the policy are written."""
-        with self._signals():
-            return self._run()
-
-    def _run(self) -> RLResult:
-        cfg = self.config
-        store = self.store
-        ring, count = self.episodes["ring"], self.episodes["count"]
-        seen = np.zeros(cfg.workers, dtype=np.int64)
-        missed = 0
-        recent: collections.deque[float] = collections.deque(maxlen=cfg.window)
-        curve: list[tuple[float, float]] = []
-        best: float | None = None
-        at_target: tuple[float, int] | None = None
-        episodes_total = 0
-        if cfg.out_dir:
-            self.run_dir = _new_run_dir(cfg.out_dir, cfg)
-        log = open(os.path.join(self.run_dir, "episodes.jsonl"), "w", buffering=1) if self.run_dir else None  # noqa: SIM115
-        progress = _RLProgress(enabled=cfg.progress, total_samples=cfg.max_steps)
-        counters = store.counters
-        t0: float | None = None
-        reason = "steps"
-        try:
-            while True:
-                time.sleep(POLL_SECONDS)
-                self._supervise()
-                if t0 is None:
-                    started = counters[:, COUNTER["started"]]
-                    if not started.any():
-                        continue  # still starting
-                    t0 = float(started[started > 0].min())
-                rows = counters.copy()
-                # New episodes of every worker, in the order they ended.
-                new = []
-                for w in range(cfg.workers):
-                    n = int(count[w])
-                    first = max(int(seen[w]), n - RING)
-                    missed += first - int(seen[w])
-                    for i in range(first, n):
-                        ret, length, t_end = ring[w, i % RING]
-                        new.append((t_end, w, i, float(ret), int(length)))
-                    seen[w] = n
-                new.sort()
-                stop = False
-                for t_end, w, i, ret, length in new:
-                    episodes_total += 1
-                    recent.append(ret)
-                    mean = float(np.mean(recent))
-                    elapsed_ep = t_end - t0
-                    full = len(recent) == cfg.window
-                    if full:
-                        best = mean if best is None else max(best, mean)
-                    curve.append((elapsed_ep, mean))
-                    doc = {"worker": w, "episode": i, "return": ret, "length": length,
-                           "time": round(elapsed_ep, 4), "wall_time": round(t_end, 4),
-                           "mean_return": round(mean, 3)}  # fmt: skip
-                    if log is not None:
-                        log.write(json.dumps(doc) + "\n")
-                    if self.callback is not None and self.callback({**doc, "episodes": episodes_total}):
-                        reason, stop = "callback", True
-                    if self.target is not None and full and mean >= self.target and at_target is None:
-                        steps_now = int(rows[:, COUNTER["samples"]].sum())
-                        at_target = (elapsed_ep, steps_now)
-                        reason, stop = "target", True
-                    if stop:
-                        break
-                now = time.time()
-                progress.episodes, progress.mean = (
-                    episodes_total,
-                    (float(np.mean(recent)) if recent else None),
-                )
-                progress.update(now - t0, rows, None)
-                if stop:
-                    break
-                if np.all(rows[:, COUNTER["status"]] == STATUS["done"]):
-                    reason = "steps"
-                    break
-                if cfg.max_seconds and now - t0 >= cfg.max_seconds:
-                    reason = "time"
-                    break
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        except Terminated:
-            reason = "terminated"
-        finally:
-            store.request_stop()
-            progress.close()
-            if log is not None:
-                log.close()
-        self._join_workers()
-        rows_d = self.worker_rows()
-        t_first, t_last = run_span(rows_d)
-        assert self.layout is not None
-        params = {k: v.copy() for k, v in self.layout.unflatten(store.params).items()}
-        result = RLResult(
+        rows = server.worker_rows()
+        t_first, t_last = server.span()
+        params = {k: v.copy() for k, v in self.layout.unflatten(server.store.params).items()}
+        recent, at_target = self.recent, self.at_target
+        self.ring = self.count = None  # views of the episode segment: gone before it closes
+        return RLResult(
             algo=cfg.algo, env=self.info.name, stop_reason=reason, target_return=self.target,
             solved=at_target is not None, mean_return=float(np.mean(recent)) if recent else None,
-            best_mean_return=best, episodes=episodes_total,
-            env_steps=int(sum(r["samples"] for r in rows_d)), updates=int(sum(r["steps"] for r in rows_d)),
-            train_seconds=max(0.0, t_last - t_first), startup_seconds=t_first - self._started,
+            best_mean_return=self.best, episodes=self.episodes_total,
+            env_steps=int(sum(r["samples"] for r in rows)), updates=int(sum(r["steps"] for r in rows)),
+            train_seconds=max(0.0, t_last - t_first), startup_seconds=t_first - server.started,
             seconds_to_target=at_target[0] if at_target else None,
             steps_to_target=at_target[1] if at_target else None,
-            window=cfg.window, missed_episodes=missed, restarts=self.restarts, workers=rows_d,
-            run_dir=self.run_dir,
-            params=params, curve=curve,
+            window=cfg.window, missed_episodes=self.missed, restarts=server.restarts, workers=rows,
+            run_dir=server.run_dir, params=params, curve=self.curve, version=server.store.version(),
         )  # fmt: skip
-        if self.run_dir:
-            self._write_results(result)
-        return result
 
-    def _write_results(self, result: RLResult) -> None:
-        import torch
+    def write(self, server: Server, result: RLResult) -> None:
+        from .checkpoint import POLICY_FILENAME, save_policy, validate_env_id
+        from .machine import machine_info
 
-        assert self.run_dir is not None
-        result.policy_path = os.path.join(self.run_dir, "policy.pt")
-        state = {k: torch.from_numpy(v) for k, v in result.params.items()}
-        torch.save({"format": "paramserver-rl-policy-1", "model": self.model_args(), "state_dict": state,
-                    "env": self.info.name, "config": self.config.to_dict()}, result.policy_path)  # fmt: skip
+        run_dir = server.run_dir
+        assert run_dir is not None
+        try:  # a saved policy names a registered id only, never code to import
+            env: str | None = validate_env_id(self.info.name)
+        except ValueError:
+            env = None  # a factory's environment: --evaluate then needs --env
+        meta = {"model": self.model_args(), "env": env, "config": self.config.to_dict()}
+        result.policy_path = save_policy(os.path.join(run_dir, POLICY_FILENAME), result.params, meta)
         doc = {"result": result.to_dict(), "config": self.config.to_dict(), "machine": machine_info()}
-        with open(os.path.join(self.run_dir, "results.json"), "w") as f:
-            json.dump(doc, f, indent=2, default=_json_default)
-            f.write("\n")
-        plot_curve(result, os.path.join(self.run_dir, "reward_curve.png"), self.config.window)
+        write_json(os.path.join(run_dir, "results.json"), doc)
+        try:
+            plot_curve(result, os.path.join(run_dir, "reward_curve.png"), self.config.window)
+        except ImportError:
+            note("reward_curve.png not drawn: it needs matplotlib (pip install 'paramserver[bench]')")
+
+
+class RLServer(Server):
+    """An RL run: ``Server(RLJob(config, env=..., callback=...), config)``.
+
+    A context manager: segments and processes are released on exit, whatever happened::
+
+        with RLServer(config) as server:
+            result = server.run()
+    """
+
+    config: RLConfig
+
+    def __init__(
+        self,
+        config: RLConfig,
+        *,
+        env: str | EnvFactory | None = None,
+        callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    ):
+        super().__init__(RLJob(config, env=env, callback=callback), config)
+
+    @property
+    def episodes(self) -> Segment:
+        return self.job.episodes  # type: ignore[attr-defined, no-any-return]
 
 
 class _RLProgress(Progress):
     """The live line: elapsed, episodes, mean return, environment steps/s, one bar per worker."""
 
-    episodes = 0
-    mean: float | None = None
+    def __init__(self, job: RLJob, *, enabled: bool, total_samples: int):
+        super().__init__(enabled=enabled, total_samples=total_samples)
+        self.job = job
 
-    def line(self, elapsed: float, rows: np.ndarray, loss: float | None) -> str:
+    def line(self, elapsed: float, rows: Counters, loss: float | None) -> str:
         rate, per_worker = self.rates()
         top = max(float(per_worker.max()), 1e-9) if len(per_worker) else 1.0
         bars = "".join(BARS[int(round(r / top * (len(BARS) - 1)))] for r in per_worker)
-        mean = "  -  " if self.mean is None else f"{self.mean:7.1f}"
+        recent = getattr(self.job, "recent", None)
+        mean = "  -  " if not recent else f"{float(np.mean(recent)):7.1f}"
         return (
-            f"{elapsed:6.1f}s | {self.episodes:6d} episodes | mean return {mean} | "
+            f"{elapsed:6.1f}s | {getattr(self.job, 'episodes_total', 0):6d} episodes | mean return {mean} | "
             f"{rate:8,.0f} steps/s | workers [{bars}]"
         )
-
-
-def _new_run_dir(out_dir: str, cfg: RLConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    env = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.env)
-    base = os.path.join(out_dir, f"{stamp}-rl-{cfg.algo}-{env}-w{cfg.workers}")
-    path, i = base, 1
-    while os.path.exists(path):
-        i += 1
-        path = f"{base}-{i}"
-    os.makedirs(path)
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def plot_curve(result: RLResult, path: str, window: int = 100) -> None:
@@ -691,24 +475,22 @@ class EvalResult:
         )
 
 
-def load_policy(path: str) -> tuple[Any, dict[str, Any]]:
-    """The network saved by a run (``policy.pt``) and the saved document."""
+def load_policy(path: str, *, need_env: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The network saved by a run (``policy.safetensors``) and the file's metadata
+    (``model``, ``env``, ``config``); every field is checked, and a ``ValueError``
+    names the file. ``need_env=False``: an environment id the file may not name is
+    dropped (the caller brings its own)."""
     import torch
 
     from paramserver.models.rl_models import build
 
-    if not os.path.isfile(path):
-        raise ValueError(f"no policy file at {path!r}; a run writes one to <out-dir>/<run>/policy.pt")
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a saved paramserver policy ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != "paramserver-rl-policy-1":
-        raise ValueError(f"{path!r} is not a saved paramserver policy (no paramserver-rl-policy-1 header)")
-    model = build(**doc["model"])
-    model.load_state_dict(doc["state_dict"])
+    from .checkpoint import load_policy_file
+
+    state, meta = load_policy_file(path, need_env=need_env)
+    model = build(**meta["model"])
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     model.eval()
-    return model, doc
+    return model, meta
 
 
 def evaluate(
@@ -722,8 +504,10 @@ def evaluate(
     resets with ``seed + i``) on ``env`` (default: the one it was trained on)."""
     import torch
 
-    model, doc = load_policy(path)
+    model, doc = load_policy(path, need_env=env is None)
     target = env if env is not None else doc["env"]
+    if target is None:
+        raise ValueError(f"{path}: the policy names no environment; pass --env")
     info = inspect_env(target, doc["model"]["algo"])
     if (info.obs_dim, info.n_actions) != (doc["model"]["obs_dim"], doc["model"]["n_actions"]):
         raise ValueError(

@@ -1,15 +1,23 @@
-"""The server: owns the segments, starts the workers, watches them, stops them, cleans up.
+"""The server: one lifecycle for every job. It owns the store and the other segments,
+starts the workers, watches them, stops them, checkpoints and writes the results.
 
-It never blocks the workers: it reads their counter rows (each written by
-one worker only) a few times a second, and its only write they see is the
-``stop`` control word.
+    with Server(job, config) as server:     # start: segments, policy, workers
+        result = server.run()               # watch until a stop criterion holds
 
-Supervision (:mod:`paramserver.supervise`, shared with the RL server): a
-worker that dies (killed, crashed, or silent for longer than ``hang_timeout``)
-is restarted with the same rank, shard and counter row, up to ``max_restarts``
-times in a run; locks it held are given back first. A worker that raised a
-Python exception is not restarted (the same code would raise again): the run
-stops and its traceback is shown.
+What a run trains is its :class:`Job`: :class:`SupervisedJob` (here) for
+supervised training, :class:`paramserver.rl.RLJob` for A3C and DQN. The
+lifecycle (store, policy, start barrier, placement, supervision and restarts,
+signals, checkpoints and ``--resume``, ``metrics.jsonl``, the stop on time or
+non-finite steps, results written atomically) is the same for both.
+
+It never blocks the workers: it reads their counter rows (each written by one
+worker only) a few times a second, and its only write they see is the stop word.
+
+Supervision (:mod:`paramserver.supervise`): a worker that dies (killed,
+crashed, or silent for longer than ``hang_timeout``) is restarted with the same
+rank and counter row, up to ``max_restarts`` times in a run; locks it held are
+given back first. A worker that raised a Python exception is not restarted
+(the same code would raise again): the run stops and its traceback is shown.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,14 +40,13 @@ import numpy as np
 
 from .asynchrony import StaleFirst
 from .checkpoint import FILENAME as CHECKPOINT_FILENAME
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import PARAMS_FILENAME, Checkpoint, load_checkpoint, save_checkpoint, save_params
+from .config import RunConfig, TrainConfig
 from .data import Dataset, shard, share_training_data
 from .layout import Layout
 from .machine import machine_info, usable_cores
-from .policy import make_policy
 from .progress import Progress
-from .store import CONTROL, COUNTER, STATUS, TMP_PREFIX, ParamStore, Segment, sweep_stale
+from .store import TMP_PREFIX, Counters, ShmStore, Store, sweep_stale
 from .supervise import Supervisor, Terminated, run_span
 from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
@@ -47,6 +56,325 @@ FAST_POLL_SECONDS = 0.005
 METRICS_EVERY = 0.5
 TRAIN_EVAL_SAMPLES = 2048
 """Training samples the server scores for ``target_train_accuracy``."""
+
+
+class Job(ABC):
+    """What a run trains: the part of the lifecycle that differs between jobs.
+
+    The server calls, in order: :meth:`prepare` (its segments; the store exists),
+    :meth:`task` (what each worker computes), :meth:`plan` for each rank, then
+    :meth:`begin`, :meth:`poll` a few times a second, :meth:`end`, and after the
+    workers stopped :meth:`result` and (with a run directory) :meth:`write`.
+    """
+
+    layout: Layout
+    """The model's layout."""
+    init: np.ndarray
+    """The initial flat parameter vector."""
+    backend: str = "torch"
+    kind: str = "train"
+
+    def prepare(self, server: Server) -> None:
+        """Create this job's own segments (with ``server.own``)."""
+
+    @abstractmethod
+    def task(self, server: Server) -> Any:
+        """The (picklable) task every worker runs."""
+
+    def plan(self, server: Server, rank: int) -> dict[str, Any]:
+        """This rank's limits and starting point (fields of ``WorkerPlan``)."""
+        return {}
+
+    def resume(self, ckpt: Checkpoint) -> None:
+        """Take what the job needs from a checkpoint (positions in the data)."""
+
+    def run_dir_name(self) -> str:
+        cfg = self.config  # type: ignore[attr-defined]
+        return f"{cfg.policy}-w{cfg.workers}"
+
+    def begin(self, server: Server) -> None:
+        """Before the watch: build what the job watches with (an evaluator, logs)."""
+
+    @abstractmethod
+    def poll(self, server: Server, elapsed: float, rows: Counters) -> str | None:
+        """Once a poll: this job's stop criteria and figures; a reason to stop, or None."""
+
+    def progress(self) -> Progress:
+        cfg = self.config  # type: ignore[attr-defined]
+        return Progress(enabled=cfg.progress, total_samples=0)
+
+    def poll_seconds(self) -> float:
+        return POLL_SECONDS
+
+    def metrics(self) -> dict[str, Any]:
+        """This job's figures for the next ``metrics.jsonl`` line."""
+        return {}
+
+    def done_reason(self) -> str:
+        """Why the run stopped when every worker finished its share."""
+        return "steps"
+
+    def end(self, server: Server) -> None:
+        """After the watch (whatever ended it): close logs."""
+
+    @abstractmethod
+    def result(self, server: Server, reason: str) -> Any:
+        """The run's result, once every worker has stopped."""
+
+    def write(self, server: Server, result: Any) -> None:
+        """Write the job's files into ``server.run_dir`` (results.json and more)."""
+
+
+class Server(Supervisor):
+    """Owns the store, the job's segments and the worker processes of one run.
+
+    Use as a context manager: segments and processes are released on exit,
+    whatever happened::
+
+        with Server(job, config) as server:
+            result = server.run()
+    """
+
+    _tmpdir: str | None = None
+
+    def __init__(self, job: Job, config: RunConfig, *, store_factory: Callable[..., Store] | None = None):
+        super().__init__(config)
+        self.job = job
+        self.store_factory = store_factory or ShmStore.create_for
+        """``factory(layout, workers=, state_slots=, meta=)`` makes the run's store (a
+        :class:`Store`); the server and the workers use only that interface."""
+        self.stale_first: StaleFirst | None = None
+        self.run_dir: str | None = None
+        self.resumed: Checkpoint | None = None
+        self.started = 0.0
+        """time.time() when start() began (start-up is measured from it)."""
+        self.t0: float | None = None
+        """time.time() when the first worker began training."""
+        self.tensorboard: Any = None
+        """The run's :class:`paramserver.tensorboard.ScalarLog` while it is watched (``--tensorboard``)."""
+        self._checkpoint_wanted = False
+        if config.resume:
+            self.resumed = self._check_resume(load_checkpoint(config.resume))
+            job.resume(self.resumed)
+
+    def _check_resume(self, ckpt: Checkpoint) -> Checkpoint:
+        """The checkpoint, once it is known to fit this model and update rule."""
+        cfg, layout = self.config, self.job.layout
+        if ckpt.layout.fingerprint != layout.fingerprint:
+            raise ValueError(
+                f"checkpoint {cfg.resume!r} does not match the model: it holds "
+                f"{len(ckpt.layout)} tensors / {ckpt.layout.num_params} parameters, the model has "
+                f"{len(layout)} / {layout.num_params}; resume with the model it was trained with"
+            )
+        slots = cfg.update_rule().state_slots if cfg.shared_state else 0
+        if ckpt.state.shape[0] not in (0, slots):
+            was = ckpt.config.get("optimizer")
+            raise ValueError(
+                f"checkpoint {cfg.resume!r} holds state for optimizer {was!r} ({ckpt.state.shape[0]} "
+                f"slots), this run's {cfg.optimizer!r} needs {slots}; resume with --optimizer {was}"
+            )
+        return ckpt
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        from paramserver.workers.worker import WorkerPlan, worker_main
+
+        cfg, job = self.config, self.job
+        self.started = time.time()
+        sweep_stale()
+        slots = cfg.update_rule().state_slots if cfg.shared_state else 0
+        meta = {"config": cfg.to_dict(), "server_pid": os.getpid(), "backend": job.backend, "job": job.kind}
+        self._store = self.own(
+            self.store_factory(job.layout, workers=cfg.workers, state_slots=slots, meta=meta)
+        )
+        store = self.store
+        store.params[...] = job.init
+        if self.resumed is not None:
+            ckpt = self.resumed
+            store.params[...] = ckpt.params
+            if ckpt.state.shape[0] == slots:
+                store.state[...] = ckpt.state
+            store.set_base_version(ckpt.version)
+        job.prepare(self)
+        # Named after this process, so that `paramserver clean` can remove it if we are killed.
+        self._tmpdir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+        task = job.task(self)
+
+        # spawn, not fork: TensorFlow hangs after fork, and an OpenMP pool in this
+        # process can hang forked children. A context, not set_start_method().
+        ctx = mp.get_context("spawn")
+        store.prepare(ctx, cfg)  # the store's consistency rule: its locking policy
+        if cfg.stale_first:
+            self.stale_first = StaleFirst(ctx, cfg.stale_first)
+        # Workers start their first step together, once every one has built its model:
+        # spawning and importing take long enough that staggered starts would skew
+        # every figure of the first second.
+        self.start_barrier = ctx.Barrier(cfg.workers)
+        cores = usable_cores()
+        threads = cfg.threads_per_worker(len(cores))
+        pin = cfg.pins(len(cores))
+        plans = [job.plan(self, rank) for rank in range(cfg.workers)]
+
+        # Worker r gets `threads` cores of its own (wrapping round when oversubscribed):
+        # pinning a multi-threaded worker to a single core makes its threads fight.
+        def cores_of(rank: int) -> tuple[int, ...]:
+            return tuple(cores[(rank * threads + i) % len(cores)] for i in range(threads))
+
+        def launch(rank: int, life: int) -> mp.process.BaseProcess:
+            plan = WorkerPlan(
+                rank=rank, workers=cfg.workers, cores=cores_of(rank) if pin else None,
+                threads=threads, parent_pid=os.getpid(), life=life, **plans[rank],
+            )  # fmt: skip
+            args = (plan, store, task, cfg, self.start_barrier, self.stale_first)
+            return self._spawn(ctx, worker_main, args, name=f"paramserver-worker-{rank}", threads=threads)
+
+        self._start_workers(launch)
+
+    @property
+    def tmpdir(self) -> str:
+        """The run's private temporary directory (removed by :meth:`close`)."""
+        assert self._tmpdir is not None, "server not started"
+        return self._tmpdir
+
+    def close(self) -> None:
+        """Stop and join every worker, then unlink the segments and remove the private
+        directory. Safe to call twice."""
+        super().close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def _restarted(self, ranks: list[int]) -> None:
+        if self.stale_first is not None:  # a gate may be waiting for a worker that died
+            self.stale_first.wake()
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def checkpoint(self, path: str | None = None) -> str:
+        """Write a checkpoint of the live state now (workers keep going); return its path.
+
+        Default path: the checkpoint file in the run's directory. Under po3 the copy
+        may include half-applied updates, as any read of live parameters does.
+        """
+        if path is None:
+            if not self.run_dir:
+                raise ValueError("this run has no output directory: pass a path, or set out_dir")
+            path = os.path.join(self.run_dir, CHECKPOINT_FILENAME)
+        store = self.store
+        return save_checkpoint(
+            path, layout=self.job.layout, params=store.params, state=store.state,
+            counters=store.counters.array, version=store.version(), config=self.config.to_dict(),
+            extra={"backend": self.job.backend, "job": self.job.kind},
+        )  # fmt: skip
+
+    def _want_checkpoint(self, signum: int, frame: Any) -> None:
+        self._checkpoint_wanted = True
+
+    # -- the run --------------------------------------------------------------
+
+    def run(self) -> Any:
+        """Watch the workers until a stop criterion holds; return the job's result.
+
+        From the main thread it also handles SIGTERM (stops like Ctrl-C, final
+        state written) and SIGUSR1 (writes a checkpoint now).
+        """
+        with self._signals({signal.SIGUSR1: self._want_checkpoint}):
+            return self._run()
+
+    def _run(self) -> Any:
+        cfg, job, store = self.config, self.job, self.store
+        if cfg.out_dir:
+            self.run_dir = new_run_dir(cfg.out_dir, job.run_dir_name())
+        metrics = None
+        if self.run_dir:  # line-buffered: the log is readable while the run goes on
+            metrics = open(os.path.join(self.run_dir, "metrics.jsonl"), "w", buffering=1)  # noqa: SIM115
+        scalars: Any = None
+        if cfg.tensorboard:
+            from .tensorboard import ScalarLog, train_scalars
+
+            scalars = train_scalars
+            name = os.path.basename(self.run_dir) if self.run_dir else job.run_dir_name()
+            self.tensorboard = ScalarLog(os.path.join(cfg.tensorboard, name))
+        previous: dict[str, Any] | None = None
+        job.begin(self)
+        progress = job.progress()
+        counters = store.counters
+        poll = job.poll_seconds()
+        last_metrics = 0.0
+        reason = job.done_reason()
+        last_ckpt_time = time.time()
+        last_ckpt_version = store.version()
+        try:
+            while True:
+                time.sleep(poll)
+                self._supervise()
+                if self.t0 is None:
+                    started = counters.column("started")
+                    if not started.any():
+                        continue  # still starting
+                    self.t0 = float(started[started > 0].min())
+                now = time.time()
+                elapsed = now - self.t0
+                rows = counters.copy()
+                loss = rows.mean_loss()
+                progress.update(elapsed, rows, loss)
+                if (metrics is not None or scalars is not None) and now - last_metrics >= METRICS_EVERY:
+                    last_metrics = now
+                    line = {**metrics_line(elapsed, rows, loss), **job.metrics()}
+                    if metrics is not None:
+                        metrics.write(json.dumps(line) + "\n")
+                    if scalars is not None:
+                        self.tensorboard.add(rows.version(), scalars(line, previous), wall_time=now)
+                        previous = line
+                if self._checkpoint_wanted and self.run_dir:
+                    self._checkpoint_wanted = False
+                    self.checkpoint()
+                version = rows.version()
+                if self.run_dir and (
+                    (cfg.checkpoint_every and version - last_ckpt_version >= cfg.checkpoint_every)
+                    or (cfg.checkpoint_seconds and now - last_ckpt_time >= cfg.checkpoint_seconds)
+                ):
+                    last_ckpt_time, last_ckpt_version = now, version
+                    self.checkpoint()
+                if rows.all_done():
+                    reason = job.done_reason()
+                    break
+                if cfg.max_seconds and elapsed >= cfg.max_seconds:
+                    reason = "time"
+                    break
+                if cfg.on_nonfinite == "stop" and rows.column("nonfinite").any():
+                    reason = "nonfinite"
+                    break
+                stop = job.poll(self, elapsed, rows)
+                if stop is not None:
+                    reason = stop
+                    break
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        except Terminated:
+            reason = "terminated"
+        finally:
+            store.request_stop()
+            progress.close()
+            job.end(self)
+            if metrics is not None:
+                metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        self._join_workers()
+        result = job.result(self, reason)
+        if self.run_dir:
+            result.checkpoint = self.checkpoint()
+            job.write(self, result)
+        return result
+
+    def span(self) -> tuple[float, float]:
+        """``time.time()`` when the first worker began and when the last one finished."""
+        return run_span(self.worker_rows())
+
+
+# -- supervised training ---------------------------------------------------------------------
 
 
 @dataclass
@@ -77,10 +405,7 @@ class TrainResult:
     @property
     def staleness(self) -> dict[str, float]:
         """Mean and max staleness of the updates of this run, over all workers."""
-        steps = sum(w["steps"] for w in self.workers)
-        total = sum(w["staleness_sum"] for w in self.workers)
-        top = max((w["staleness_max"] for w in self.workers), default=0.0)
-        return {"mean": total / steps if steps else 0.0, "max": top}
+        return staleness_of(self.workers)
 
     @property
     def samples_per_second(self) -> float:
@@ -99,11 +424,7 @@ class TrainResult:
         out += f"\nstaleness mean {stale['mean']:.2f}, max {stale['max']:.0f}"
         if nonfinite:
             out += f"; {nonfinite} non-finite steps skipped"
-        if self.restarts:
-            out += f"; {self.restarts} worker restart(s)"
-        if self.run_dir:
-            out += f"\nresults written to {self.run_dir}"
-        return out
+        return out + summary_tail(self.restarts, self.run_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -125,19 +446,9 @@ class TrainResult:
         }
 
 
-class ParameterServer(Supervisor):
-    """Owns the parameter and data segments and the worker processes of one run.
-
-    Use as a context manager: segments and processes are released on exit,
-    whatever happened::
-
-        with ParameterServer(spec, layout, init, data, config) as server:
-            result = server.run()
-    """
-
-    config: TrainConfig
-    _data: Segment | None = None
-    _tmpdir: str | None = None
+class SupervisedJob(Job):
+    """Supervised training: the training split in a data segment, each worker a shard
+    of it; stops on epochs, steps, a target loss or accuracy; evaluates on the test split."""
 
     def __init__(
         self,
@@ -149,17 +460,6 @@ class ParameterServer(Supervisor):
         *,
         callback: Callable[[dict[str, Any]], bool | None] | None = None,
     ):
-        super().__init__(config)
-        self.spec = spec
-        self.layout = layout
-        self.init = init
-        self.data = data
-        self.callback = callback
-        self.stale_first: StaleFirst | None = None
-        self.run_dir: str | None = None
-        self.resumed: Checkpoint | None = None
-        self._started = 0.0
-        self._checkpoint_wanted = False
         if len(data.x_train) < config.workers:
             raise ValueError(
                 f"{config.workers} workers need at least one training sample each, "
@@ -167,294 +467,144 @@ class ParameterServer(Supervisor):
             )
         if init.shape != (layout.flat_size,) or init.dtype != layout.dtype:
             raise ValueError(f"initial parameters must be a flat {layout.dtype} vector of {layout.flat_size}")
-        if config.resume:
-            self.resumed = self._check_resume(load_checkpoint(config.resume))
+        self.spec, self.layout, self.init, self.data, self.config = spec, layout, init, data, config
+        self.backend = spec.backend
+        self.callback = callback
+        self.positions = [(0, 0)] * config.workers
+        self.evaluations: list[dict[str, Any]] = []
 
-    def _check_resume(self, ckpt: Checkpoint) -> Checkpoint:
-        """The checkpoint, once it is known to fit this model and update rule."""
-        cfg = self.config
-        if ckpt.layout.fingerprint != self.layout.fingerprint:
-            raise ValueError(
-                f"checkpoint {cfg.resume!r} does not match the model: it holds "
-                f"{len(ckpt.layout)} tensors / {ckpt.layout.num_params} parameters, the model has "
-                f"{len(self.layout)} / {self.layout.num_params}; resume with the model it was trained with"
-            )
-        slots = cfg.update_rule().state_slots if cfg.shared_state else 0
-        if ckpt.state.shape[0] not in (0, slots):
-            was = ckpt.config.get("optimizer")
-            raise ValueError(
-                f"checkpoint {cfg.resume!r} holds state for optimizer {was!r} ({ckpt.state.shape[0]} "
-                f"slots), this run's {cfg.optimizer!r} needs {slots}; resume with --optimizer {was}"
-            )
-        return ckpt
-
-    # -- lifecycle ----------------------------------------------------------------
+    def resume(self, ckpt: Checkpoint) -> None:
+        rows = Counters(ckpt.counters)
+        epochs, batches = rows.column("epoch"), rows.column("batch")
+        if len(rows) == self.config.workers:  # each worker continues where its rank was
+            self.positions = [(int(e), int(b)) for e, b in zip(epochs, batches, strict=True)]
+        elif len(rows):  # other shards: every worker starts the least advanced epoch
+            self.positions = [(int(epochs.min()), 0)] * self.config.workers
 
     def _batches_per_epoch(self, rank: int) -> int:
         lo, hi = shard(len(self.data.x_train), rank, self.config.workers)
         return -(-(hi - lo) // self.config.batch_size)
 
-    def start(self) -> None:
-        from paramserver.workers.worker import WorkerPlan, worker_main
-
+    def prepare(self, server: Server) -> None:
+        self.segment = server.own(share_training_data(self.data))
         cfg = self.config
-        self._started = time.time()
-        sweep_stale()
-        rule = cfg.update_rule()
-        slots = rule.state_slots if cfg.shared_state else 0
-        self._store = self._own(ParamStore.create_for(
-            self.layout, workers=cfg.workers, state_slots=slots,
-            meta={"config": cfg.to_dict(), "server_pid": os.getpid(), "backend": self.spec.backend},
-        ))  # fmt: skip
-        store = self.store
-        store.params[...] = self.init
-        base_version = 0
-        positions = [(0, 0)] * cfg.workers
-        if self.resumed is not None:
-            ckpt = self.resumed
-            store.params[...] = ckpt.params
-            if ckpt.state.shape[0] == slots:
-                store.state[...] = ckpt.state
-            base_version = ckpt.version
-            store.control[CONTROL["base_version"]] = base_version
-            rows = ckpt.counters
-            if rows.shape[0] == cfg.workers:  # each worker continues where its rank was
-                positions = [(int(r[COUNTER["epoch"]]), int(r[COUNTER["batch"]])) for r in rows]
-            elif len(rows):  # other shards: every worker starts the least advanced epoch
-                positions = [(int(rows[:, COUNTER["epoch"]].min()), 0)] * cfg.workers
-        self._data = self._own(share_training_data(self.data))
-        # Named after this process, so that `paramserver clean` can remove it if we are killed.
-        self._tmpdir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
-        worker_spec = self.spec.via_file(self._tmpdir)
-
-        # spawn, not fork: TensorFlow hangs after fork, and an OpenMP pool in this
-        # process can hang forked children. A context, not set_start_method().
-        ctx = mp.get_context("spawn")
-        # Kept for the whole run: a lock's name is unlinked when the object that created
-        # it is collected, and a worker still starting would then fail to open it.
-        self.policy = make_policy(cfg.policy, self.layout.flat_size, ctx, k=cfg.k, stripes=cfg.stripes)
-        if cfg.stale_first:
-            self.stale_first = StaleFirst(ctx, cfg.stale_first)
-        # Workers start their first step together, once every one has built its model:
-        # spawning and importing take long enough that staggered starts would skew
-        # every figure of the first second.
-        self.start_barrier = ctx.Barrier(cfg.workers)
-        cores = usable_cores()
-        threads = cfg.threads or max(1, len(cores) // cfg.workers)
-        pin = cfg.pin == "on" or (cfg.pin == "auto" and cfg.workers <= len(cores))
-        remaining = max(0, cfg.steps - base_version) if cfg.steps else 0
-        if cfg.steps and remaining == 0:
+        base = server.store.version()
+        self.remaining = max(0, cfg.steps - base) if cfg.steps else 0
+        if cfg.steps and self.remaining == 0:
             raise ValueError(
-                f"the checkpoint already made {base_version} updates, --steps is {cfg.steps}; "
+                f"the checkpoint already made {base} updates, --steps is {cfg.steps}; "
                 "raise --steps to train on"
             )
-        total_updates = cfg.steps or cfg.epochs * sum(map(self._batches_per_epoch, range(cfg.workers)))
+        per_epoch = sum(map(self._batches_per_epoch, range(cfg.workers)))
+        self.total_updates = cfg.steps or cfg.epochs * per_epoch
 
-        # Worker r gets `threads` cores of its own (wrapping round when oversubscribed):
-        # pinning a multi-threaded worker to a single core makes its threads fight.
-        def cores_of(rank: int) -> tuple[int, ...]:
-            return tuple(cores[(rank * threads + i) % len(cores)] for i in range(threads))
+    def task(self, server: Server) -> Any:
+        from paramserver.workers.worker import SupervisedTask
 
-        def launch(rank: int, life: int) -> mp.process.BaseProcess:
-            steps = 0
-            if remaining:
-                steps = remaining // cfg.workers + (rank < remaining % cfg.workers)
-            plan = WorkerPlan(
-                rank=rank, workers=cfg.workers, cores=cores_of(rank) if pin else None,
-                threads=threads, steps=steps, parent_pid=os.getpid(), total_updates=total_updates,
-                life=life, first_epoch=positions[rank][0], first_batch=positions[rank][1],
-            )  # fmt: skip
-            args = (worker_spec, plan, store, self._data, self.policy, self.start_barrier, cfg,
-                    self.stale_first)  # fmt: skip
-            return self._spawn(ctx, worker_main, args, name=f"paramserver-worker-{rank}", threads=threads)
-
-        self._start_workers(launch)
-
-    def close(self) -> None:
-        """Stop and join every worker, then unlink the segments and remove the private
-        directory. Safe to call twice."""
-        super().close()
-        self._data = None
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-
-    # -- supervision --------------------------------------------------------------
-
-    def _restarted(self, ranks: list[int]) -> None:
-        if self.stale_first is not None:  # a gate may be waiting for a worker that died
-            self.stale_first.wake()
-
-    # -- checkpoints --------------------------------------------------------------
-
-    def checkpoint(self, path: str | None = None) -> str:
-        """Write a checkpoint of the live state now (workers keep going); return its path.
-
-        Default path: ``checkpoint.npz`` in the run's directory. Under po3 the copy
-        may include half-applied updates, as any read of live parameters does.
-        """
-        if path is None:
-            if not self.run_dir:
-                raise ValueError("this run has no output directory: pass a path, or set out_dir")
-            path = os.path.join(self.run_dir, CHECKPOINT_FILENAME)
-        store = self.store
-        return save_checkpoint(
-            path, layout=self.layout, params=store.params, state=store.state,
-            counters=store.counters, version=store.version(), config=self.config.to_dict(),
-            extra={"backend": self.spec.backend},
-        )  # fmt: skip
-
-    def _want_checkpoint(self, signum: int, frame: Any) -> None:
-        self._checkpoint_wanted = True
-
-    # -- the run --------------------------------------------------------------
-
-    def run(self) -> TrainResult:
-        """Watch the workers until a stop criterion holds; evaluate; return the result.
-
-        From the main thread it also handles SIGTERM (stops like Ctrl-C, final
-        state written) and SIGUSR1 (writes a checkpoint now).
-        """
-        with self._signals({signal.SIGUSR1: self._want_checkpoint}):
-            return self._run()
-
-    def _run(self) -> TrainResult:
         cfg = self.config
-        store = self.store
-        evaluator = _Evaluator(self.spec, self.layout, store.params, self.data, cfg.seed)
-        if cfg.out_dir:
-            self.run_dir = _new_run_dir(cfg.out_dir, cfg)
-        metrics = None
-        if self.run_dir:  # line-buffered: the log is readable while the run goes on
-            metrics = open(os.path.join(self.run_dir, "metrics.jsonl"), "w", buffering=1)  # noqa: SIM115
-        total_samples = cfg.epochs * len(self.data.x_train)
-        progress = Progress(enabled=cfg.progress, total_samples=total_samples, steps=cfg.steps)
-        counters = store.counters
-        base_version = int(store.control[CONTROL["base_version"]])
-        last_metrics = 0.0
-        reason = "epochs"
-        evaluations: list[dict[str, Any]] = []
-        last_acc: float | None = None
-        last_train_acc: float | None = None
-        last_eval_time = 0.0
-        last_eval_updates = 0
-        last_ckpt_time = time.time()
-        last_ckpt_version = store.version()
-        evaluating = cfg.target_accuracy is not None or cfg.target_train_accuracy is not None
-        poll = POLL_SECONDS
-        if evaluating:
-            poll = FAST_POLL_SECONDS if cfg.eval_every_updates else min(POLL_SECONDS, cfg.eval_every)
-        t0: float | None = None  # time.time() when the first worker began training
-        try:
-            while True:
-                time.sleep(poll)
-                self._supervise()
-                if t0 is None:
-                    started = counters[:, COUNTER["started"]]
-                    if not started.any():
-                        continue  # still starting
-                    t0 = float(started[started > 0].min())
-                now = time.time()
-                elapsed = now - t0
-                rows = counters.copy()
-                samples = int(rows[:, COUNTER["samples"]].sum())
-                updates = int(rows[:, COUNTER["steps"]].sum())
-                active = rows[:, COUNTER["steps"]] > 0
-                loss = float(rows[active, COUNTER["loss"]].mean()) if active.any() else None
-                progress.update(elapsed, rows, loss)
-                if metrics is not None and now - last_metrics >= METRICS_EVERY:
-                    last_metrics = now
-                    line = _metrics_line(elapsed, rows, loss, last_acc, last_train_acc)
-                    metrics.write(json.dumps(line) + "\n")
-                if self._checkpoint_wanted and self.run_dir:
-                    self._checkpoint_wanted = False
-                    self.checkpoint()
-                version = base_version + updates
-                if self.run_dir and (
-                    (cfg.checkpoint_every and version - last_ckpt_version >= cfg.checkpoint_every)
-                    or (cfg.checkpoint_seconds and now - last_ckpt_time >= cfg.checkpoint_seconds)
-                ):
-                    last_ckpt_time, last_ckpt_version = now, version
-                    self.checkpoint()
-                if np.all(rows[:, COUNTER["status"]] == STATUS["done"]):
-                    reason = "steps" if cfg.steps else "epochs"
-                    break
-                if cfg.max_seconds and elapsed >= cfg.max_seconds:
-                    reason = "time"
-                    break
-                if cfg.on_nonfinite == "stop" and rows[:, COUNTER["nonfinite"]].any():
-                    reason = "nonfinite"
-                    break
-                if cfg.target_loss is not None and loss is not None and loss <= cfg.target_loss:
-                    reason = "target_loss"
-                    break
-                due = (
-                    updates - last_eval_updates >= cfg.eval_every_updates
-                    if cfg.eval_every_updates
-                    else now - last_eval_time >= cfg.eval_every
-                )
-                if evaluating and due:
-                    last_eval_time, last_eval_updates = now, updates
-                    record: dict[str, Any] = {"t": round(elapsed, 4), "updates": updates}
-                    if cfg.target_accuracy is not None:
-                        last_acc = record["test_accuracy"] = evaluator.accuracy(while_training=True)
-                    if cfg.target_train_accuracy is not None:
-                        last_train_acc = evaluator.accuracy(while_training=True, split="train")
-                        record["train_accuracy"] = last_train_acc
-                    evaluations.append(record)
-                    if last_acc is not None and last_acc >= cfg.target_accuracy:  # type: ignore[operator]
-                        reason = "target_accuracy"
-                        break
-                    if last_train_acc is not None and last_train_acc >= cfg.target_train_accuracy:  # type: ignore[operator]
-                        reason = "target_train_accuracy"
-                        break
-                if self.callback is not None and self.callback(
-                    {
-                        "elapsed": elapsed, "updates": updates, "samples": samples, "loss": loss,
-                        "test_accuracy": last_acc, "train_accuracy": last_train_acc,
-                        "staleness": _staleness(rows), "restarts": self.restarts,
-                        "pids": [p.pid for p in self.processes],
-                        "steps": rows[:, COUNTER["steps"]].astype(int).tolist(),
-                    }
-                ):  # fmt: skip
-                    reason = "callback"
-                    break
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        except Terminated:
-            reason = "terminated"
-        finally:
-            store.request_stop()
-            progress.close()
-            if metrics is not None:
-                metrics.close()
-        self._join_workers()
-        rows = self.worker_rows()
+        return SupervisedTask(self.spec.via_file(server.tmpdir), self.segment, cfg.batch_size, cfg.epochs)
+
+    def plan(self, server: Server, rank: int) -> dict[str, Any]:
+        workers, remaining = self.config.workers, self.remaining
+        steps = remaining // workers + (rank < remaining % workers) if remaining else 0
+        epoch, batch = self.positions[rank]
+        return {
+            "steps": steps,
+            "total_updates": self.total_updates,
+            "first_epoch": epoch,
+            "first_batch": batch,
+        }
+
+    def progress(self) -> Progress:
+        cfg = self.config
+        return Progress(
+            enabled=cfg.progress, total_samples=cfg.epochs * len(self.data.x_train), steps=cfg.steps
+        )
+
+    def poll_seconds(self) -> float:
+        cfg = self.config
+        if not self.evaluating:
+            return POLL_SECONDS
+        return FAST_POLL_SECONDS if cfg.eval_every_updates else min(POLL_SECONDS, cfg.eval_every)
+
+    @property
+    def evaluating(self) -> bool:
+        return self.config.target_accuracy is not None or self.config.target_train_accuracy is not None
+
+    def done_reason(self) -> str:
+        return "steps" if self.config.steps else "epochs"
+
+    def begin(self, server: Server) -> None:
+        self.evaluator = Evaluator(self.spec, self.layout, server.store.params, self.data, self.config.seed)
+        self.last_acc: float | None = None
+        self.last_train_acc: float | None = None
+        self.last_eval_time = 0.0
+        self.last_eval_updates = 0
+
+    def metrics(self) -> dict[str, Any]:
+        return {"test_accuracy": self.last_acc, "train_accuracy": self.last_train_acc}
+
+    def poll(self, server: Server, elapsed: float, rows: Counters) -> str | None:
+        cfg = self.config
+        now = time.time()
+        updates = rows.updates()
+        loss = rows.mean_loss()
+        if cfg.target_loss is not None and loss is not None and loss <= cfg.target_loss:
+            return "target_loss"
+        due = (
+            updates - self.last_eval_updates >= cfg.eval_every_updates
+            if cfg.eval_every_updates
+            else now - self.last_eval_time >= cfg.eval_every
+        )
+        if self.evaluating and due:
+            self.last_eval_time, self.last_eval_updates = now, updates
+            record: dict[str, Any] = {"t": round(elapsed, 4), "updates": updates}
+            if cfg.target_accuracy is not None:
+                self.last_acc = record["test_accuracy"] = self.evaluator.accuracy(while_training=True)
+            if cfg.target_train_accuracy is not None:
+                self.last_train_acc = self.evaluator.accuracy(while_training=True, split="train")
+                record["train_accuracy"] = self.last_train_acc
+            self.evaluations.append(record)
+            if self.last_acc is not None and self.last_acc >= cfg.target_accuracy:  # type: ignore[operator]
+                return "target_accuracy"
+            if self.last_train_acc is not None and self.last_train_acc >= cfg.target_train_accuracy:  # type: ignore[operator]
+                return "target_train_accuracy"
+        if self.callback is not None and self.callback(
+            {
+                "elapsed": elapsed, "updates": updates, "samples": int(rows.column("samples").sum()),
+                "loss": loss, "test_accuracy": self.last_acc, "train_accuracy": self.last_train_acc,
+                "staleness": rows.staleness(), "restarts": server.restarts,
+                "pids": [p.pid for p in server.processes], "steps": rows.column("steps").astype(int).tolist(),
+            }
+        ):  # fmt: skip
+            return "callback"
+        return None
+
+    def result(self, server: Server, reason: str) -> TrainResult:
+        rows = server.worker_rows()
         t_first, t_last = run_span(rows)
         active = [r["loss"] for r in rows if r["steps"] > 0]
+        store = server.store
         result = TrainResult(
             params={k: v.copy() for k, v in self.layout.unflatten(store.params).items()},
             stop_reason=reason,
-            test_accuracy=evaluator.accuracy() if len(self.data.x_test) else None,
+            test_accuracy=self.evaluator.accuracy() if len(self.data.x_test) else None,
             final_loss=float(np.mean(active)) if active else None,
             updates=int(sum(r["steps"] for r in rows)),
             samples=int(sum(r["samples"] for r in rows)),
             train_seconds=max(0.0, t_last - t_first),
-            startup_seconds=t_first - self._started,
+            startup_seconds=t_first - server.started,
             workers=rows,
-            run_dir=self.run_dir,
-            evaluations=evaluations,
-            restarts=self.restarts,
+            run_dir=server.run_dir,
+            evaluations=self.evaluations,
+            restarts=server.restarts,
             version=store.version(),
         )
-        del evaluator  # its views of the segment must go before the segment closes
-        if self.run_dir:
-            result.checkpoint = self.checkpoint()
-            self._write_results(result)
+        del self.evaluator  # its views of the segment must go before the segment closes
         return result
 
-    def _write_results(self, result: TrainResult) -> None:
-        assert self.run_dir is not None
+    def write(self, server: Server, result: TrainResult) -> None:
+        assert server.run_dir is not None
         doc = {
             "result": result.to_dict(),
             "config": self.config.to_dict(),
@@ -467,11 +617,36 @@ class ParameterServer(Supervisor):
             },
             "machine": machine_info(),
         }
-        _write_json(os.path.join(self.run_dir, "results.json"), doc)
-        np.savez(os.path.join(self.run_dir, "params.npz"), **result.params)
+        write_json(os.path.join(server.run_dir, "results.json"), doc)
+        save_params(
+            os.path.join(server.run_dir, PARAMS_FILENAME), result.params,
+            {"fingerprint": self.layout.fingerprint, "backend": self.spec.backend},
+        )  # fmt: skip
 
 
-class _Evaluator:
+class ParameterServer(Server):
+    """A supervised training run: ``Server(SupervisedJob(spec, layout, init, data, config,
+    callback=...), config)``; ``store_factory`` as for :class:`Server`.
+
+    Use as a context manager: segments and processes are released on exit,
+    whatever happened::
+
+        with ParameterServer(spec, layout, init, data, config) as server:
+            result = server.run()
+    """
+
+    config: TrainConfig
+
+    def __init__(self, *args: Any, store_factory: Callable[..., Store] | None = None, **kwargs: Any):
+        job = SupervisedJob(*args, **kwargs)
+        super().__init__(job, job.config, store_factory=store_factory)
+
+    @property
+    def layout(self) -> Layout:
+        return self.job.layout
+
+
+class Evaluator:
     """Accuracy from the live shared parameters, without pausing the workers
     (PO3 and striped may show a half-applied update: fine for a progress figure).
 
@@ -483,11 +658,10 @@ class _Evaluator:
     def __init__(self, spec: Any, layout: Layout, params: np.ndarray, data: Dataset, seed: int = 0):
         from threadpoolctl import ThreadpoolController
 
-        from paramserver.workers.backends import CALIBRATION_SAMPLES, make_backend
+        from paramserver.workers.backends import make_backend
 
         self.backend = make_backend(spec, layout, params)
-        if spec.backend == "torch":  # batch-norm statistics from the live parameters
-            self.backend.calibration = data.x_train[:CALIBRATION_SAMPLES]
+        self.backend.for_evaluation(data)
         self.data = data
         self.pools = ThreadpoolController()
         n = len(data.x_train)
@@ -505,38 +679,42 @@ class _Evaluator:
         return correct / len(x)
 
 
-def _staleness(rows: np.ndarray) -> dict[str, float]:
-    steps = rows[:, COUNTER["steps"]].sum()
-    total = rows[:, COUNTER["staleness_sum"]].sum()
-    top = float(rows[:, COUNTER["staleness_max"]].max())
-    return {"mean": float(total / steps) if steps else 0.0, "max": top}
+# -- figures and files, for every job ----------------------------------------------------------
 
 
-def _metrics_line(
-    elapsed: float, rows: np.ndarray, loss: float | None, acc: float | None, train_acc: float | None
-) -> dict[str, Any]:
-    steps = rows[:, COUNTER["steps"]]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_stale = np.where(steps > 0, rows[:, COUNTER["staleness_sum"]] / np.maximum(steps, 1), 0.0)
+def staleness_of(workers: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and max staleness from the workers' rows (as dicts): :meth:`Counters.staleness`."""
+    if not workers:
+        return {"mean": 0.0, "max": 0.0}
+    return Counters(np.array([[w[k] for k in w] for w in workers])).staleness()
+
+
+def summary_tail(restarts: int, run_dir: str | None) -> str:
+    """The end of every result's summary: restarts, and where the results are."""
+    out = f"; {restarts} worker restart(s)" if restarts else ""
+    return out + (f"\nresults written to {run_dir}" if run_dir else "")
+
+
+def metrics_line(elapsed: float, rows: Counters, loss: float | None) -> dict[str, Any]:
+    """The figures every job writes to ``metrics.jsonl`` twice a second."""
     return {
         "t": round(elapsed, 3),
-        "updates": int(steps.sum()),
-        "samples": int(rows[:, COUNTER["samples"]].sum()),
+        "updates": rows.updates(),
+        "samples": int(rows.column("samples").sum()),
         "loss": loss,
-        "steps": steps.tolist(),
-        "test_accuracy": acc,
-        "train_accuracy": train_acc,
-        "staleness_mean": [round(float(v), 3) for v in mean_stale],
-        "staleness_max": rows[:, COUNTER["staleness_max"]].tolist(),
-        "lr": rows[:, COUNTER["lr"]].tolist(),
-        "nonfinite": rows[:, COUNTER["nonfinite"]].tolist(),
-        "restarts": rows[:, COUNTER["restarts"]].tolist(),
+        "steps": rows.column("steps").tolist(),
+        "staleness_mean": [round(float(v), 3) for v in rows.mean_staleness()],
+        "staleness_max": rows.column("staleness_max").tolist(),
+        "lr": rows.column("lr").tolist(),
+        "nonfinite": rows.column("nonfinite").tolist(),
+        "restarts": rows.column("restarts").tolist(),
     }
 
 
-def _new_run_dir(out_dir: str, cfg: TrainConfig) -> str:
+def new_run_dir(out_dir: str, name: str) -> str:
+    """A new directory ``<out_dir>/<time>-<name>`` (``-2``, ``-3``... if it exists)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(out_dir, f"{stamp}-{cfg.policy}-w{cfg.workers}")
+    base = os.path.join(out_dir, f"{stamp}-{name}")
     path, i = base, 1
     while os.path.exists(path):
         i += 1
@@ -545,7 +723,8 @@ def _new_run_dir(out_dir: str, cfg: TrainConfig) -> str:
     return path
 
 
-def _write_json(path: str, doc: Any) -> None:
+def write_json(path: str, doc: Any) -> None:
+    """Write ``doc`` atomically: a temporary file, then a rename over ``path``."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2, default=_json_default)
@@ -559,3 +738,8 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, float) and math.isnan(o):
         return None
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def note(message: str) -> None:
+    """A one-line note on stderr."""
+    print(f"paramserver: {message}", file=sys.stderr, flush=True)

@@ -10,12 +10,14 @@
 A :class:`Segment` is a small handle in the manner of CPython's
 ``SharedMemory``: it pickles to its *name* (a worker that unpickles it
 attaches and validates), ``close()`` is idempotent, and only the creator
-unlinks. :class:`ParamStore` is the parameter server's segment (parameters,
-optimizer state, per-worker counters, control words).
+unlinks. :class:`Store` is what workers and the server need of the parameters;
+:class:`ShmStore`, the parameter server's segment (parameters, optimizer
+state, per-worker counters, control words), implements it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -25,14 +27,19 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .layout import ALIGN, Layout, align_up
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 PREFIX = "psrv_"
 """Every segment of this project is named ``psrv_<creator pid>_<random>``."""
@@ -45,6 +52,18 @@ SHM_DIR = "/dev/shm"
 # Names this process created. Its resource tracker holds them until unlink(), so an
 # attach from this same process must not unregister them (see Segment.attach).
 _created_here: set[str] = set()
+
+
+class _SharedMemory(SharedMemory):
+    """``SharedMemory`` whose finalizer stays quiet when views still pin the mapping.
+
+    A mapping that cannot be closed because an array still uses it is released when
+    the process exits; the name is unlinked by then. CPython's finalizer would print
+    ``Exception ignored ... BufferError`` at exit instead, which reads like a crash."""
+
+    def __del__(self) -> None:
+        with contextlib.suppress(BufferError, OSError):
+            self.close()
 
 
 class SegmentError(ValueError):
@@ -115,7 +134,7 @@ class Segment:
                 f"{_format_bytes(free)} free; free space there (paramserver clean removes "
                 "stale segments) or enlarge it (docker run --shm-size=...)",
             )
-        shm = SharedMemory(name=_new_name(), create=True, size=size)  # mode 0o600
+        shm = _SharedMemory(name=_new_name(), create=True, size=size)  # mode 0o600
         try:
             # Reserve the pages now, so that a full /dev/shm is a clean error here.
             os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
@@ -144,7 +163,7 @@ class Segment:
                 "`paramserver inspect` without a name lists the live ones"
             )
         try:
-            shm = SharedMemory(name=name)
+            shm = _SharedMemory(name=name)
         except FileNotFoundError:
             raise SegmentError(
                 f"no shared-memory segment named {name!r}: the run has ended or the name "
@@ -262,12 +281,12 @@ def _unlink_name(name: str) -> None:
     shm.unlink()  # also unregisters it from this process's resource tracker
 
 
-# -- the parameter server's segment ------------------------------------------------------
+# -- the counter table ------------------------------------------------------------------
 
 COUNTER_FIELDS = (
     "steps",  # updates this worker has applied
-    "samples",  # training samples it has consumed
-    "loss",  # loss of its last batch
+    "samples",  # training samples (RL: environment steps) it has consumed
+    "loss",  # smoothed loss of its last batches
     "pulled_version",  # global update count when it last read the parameters
     "heartbeat",  # time.time() of its last step
     "status",  # one of STATUS
@@ -286,24 +305,263 @@ COUNTER_FIELDS = (
     "restarts",  # times the server restarted this rank
     "pid",  # its process id (for inspect, and for tests that kill it)
 )
-COUNTER = {name: i for i, name in enumerate(COUNTER_FIELDS)}
+"""The named columns of a worker's row; :class:`Counters` is the only code that
+knows their positions."""
+_COLUMN = {name: i for i, name in enumerate(COUNTER_FIELDS)}
 STATUS = {"starting": 0.0, "running": 1.0, "done": 2.0, "failed": 3.0}
 CONTROL_FIELDS = (
     "stop",  # set by the server: every worker leaves at its next step
     "base_version",  # updates made before this run (a resumed checkpoint's version)
 )
-CONTROL = {name: i for i, name in enumerate(CONTROL_FIELDS)}
+_CONTROL = {name: i for i, name in enumerate(CONTROL_FIELDS)}
 
 
-class ParamStore(Segment):
-    """The server's segment: flat parameters, optimizer state, counters, control words.
+class Row:
+    """One worker's row of figures, by name: ``row.steps += 1`` writes the segment.
+
+    Each row has one writer (its worker; the server only between that worker's
+    lives), so no lock is needed."""
+
+    __slots__ = ("_a",)
+
+    def __init__(self, array: np.ndarray):
+        assert array.shape == (len(COUNTER_FIELDS),), "a row holds one value per counter field"
+        self._a = array
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(COUNTER_FIELDS, map(float, self._a), strict=True))
+
+    # Typed names for the generated properties below.
+    steps: float
+    samples: float
+    loss: float
+    pulled_version: float
+    heartbeat: float
+    status: float
+    epoch: float
+    batch: float
+    nonfinite: float
+    started: float
+    finished: float
+    staleness: float
+    staleness_sum: float
+    staleness_max: float
+    lr: float
+    urgent: float
+    held_lock: float
+    held_slot: float
+    restarts: float
+    pid: float
+
+
+def _column_property(i: int) -> property:
+    def get(self: Row) -> float:
+        return self._a[i]  # type: ignore[no-any-return]
+
+    def put(self: Row, value: float) -> None:
+        self._a[i] = value
+
+    return property(get, put)
+
+
+for _i, _name in enumerate(COUNTER_FIELDS):
+    setattr(Row, _name, _column_property(_i))
+del _i, _name
+
+
+class Counters:
+    """The workers' rows (``workers x len(COUNTER_FIELDS)`` float64) and the figures
+    derived from them, each computed here and nowhere else.
+
+    ``array`` is the raw table (checkpoints store it as it is); everything else
+    asks for a :meth:`row` or a :meth:`column` by name."""
+
+    def __init__(self, array: np.ndarray, base_version: int = 0):
+        assert array.ndim == 2 and array.shape[1] == len(COUNTER_FIELDS), "not a counter table"
+        self.array = array
+        self._steps = array[:, _COLUMN["steps"]]  # read twice a step by every worker
+        self.base_version = base_version
+        """Updates made before this run (a resumed checkpoint's): part of the global version."""
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def row(self, rank: int) -> Row:
+        return Row(self.array[rank])
+
+    def column(self, name: str) -> np.ndarray:
+        """The view of one column (all workers)."""
+        return self.array[:, _COLUMN[name]]
+
+    def copy(self) -> Counters:
+        """A snapshot (the live table changes while it is read)."""
+        return Counters(self.array.copy(), self.base_version)
+
+    def version(self) -> int:
+        """Global update count: the base plus the sum of the workers' step counters
+        (no lock: each term has one writer)."""
+        return int(self.base_version + self._steps.sum())
+
+    def updates(self) -> int:
+        """Updates made in this run (the version less the base)."""
+        return int(self._steps.sum())
+
+    def mean_staleness(self) -> np.ndarray:
+        """Each worker's mean staleness over its updates (0 before its first)."""
+        steps = self.column("steps")
+        return self.column("staleness_sum") / np.maximum(steps, 1)
+
+    def staleness(self) -> dict[str, float]:
+        """Mean and max staleness of every update of this run."""
+        steps = self.column("steps").sum()
+        total = self.column("staleness_sum").sum()
+        top = float(self.column("staleness_max").max()) if len(self) else 0.0
+        return {"mean": float(total / steps) if steps else 0.0, "max": top}
+
+    def mean_loss(self) -> float | None:
+        """The workers' smoothed losses averaged over those that made a step."""
+        active = self.column("steps") > 0
+        return float(self.column("loss")[active].mean()) if active.any() else None
+
+    def all_done(self) -> bool:
+        return bool(np.all(self.column("status") == STATUS["done"]))
+
+    def as_dicts(self) -> list[dict[str, float]]:
+        return [self.row(r).as_dict() for r in range(len(self))]
+
+
+def status_name(value: float) -> str:
+    return next((k for k, s in STATUS.items() if s == value), f"?{value}")
+
+
+# -- gradients and the Store interface ----------------------------------------------------
+
+
+@dataclass
+class SparseRows:
+    """The gradient of some rows of one 2-D tensor of the layout: ``values[i]`` is the
+    gradient of row ``rows[i]`` (rows unique). The push of a sparse model carries these
+    instead of a dense buffer as large as the table."""
+
+    offset: int
+    """Flat offset of the tensor (its row 0) in the parameter vector."""
+    dim: int
+    """Elements per row."""
+    rows: np.ndarray
+    values: np.ndarray
+
+
+@dataclass
+class Gradient:
+    """One step's gradient: a dense flat vector, sparse rows, or both (a model with an
+    embedding table and dense layers). ``finite`` is False when it must not be applied."""
+
+    dense: np.ndarray | None = None
+    sparse: list[SparseRows] = field(default_factory=list)
+    finite: bool = True
+
+
+Backward = Callable[[], Gradient]
+"""Computes this step's gradient (the policy decides what is locked meanwhile)."""
+Apply = Callable[[Gradient, int, int], None]
+"""Applies the update rule to the part of the gradient in ``[lo, hi)`` of the flat vector."""
+
+
+class Store(ABC):
+    """What workers and the server need of the parameters, and nothing more.
+
+    The worker loop and the server use only this interface. :class:`ShmStore` is
+    the shared-memory segment (zero copy: ``params`` is the live vector); a store
+    on other machines implements the same calls.
+    """
+
+    @property
+    @abstractmethod
+    def model_layout(self) -> Layout:
+        """The model's layout (names, shapes, offsets in ``params``)."""
+
+    @property
+    @abstractmethod
+    def params(self) -> np.ndarray:
+        """The flat parameter vector to read (a live view where the store allows it)."""
+
+    @property
+    @abstractmethod
+    def state(self) -> np.ndarray:
+        """The shared optimizer state, ``slots x params`` (0 slots when per worker)."""
+
+    @property
+    @abstractmethod
+    def counters(self) -> Counters:
+        """The workers' rows of figures."""
+
+    @abstractmethod
+    def push(self, rank: int, backward: Backward, apply: Apply) -> None:
+        """Compute one gradient with ``backward()`` and apply it with ``apply``, under this
+        store's consistency rule (which parts run under which lock)."""
+
+    @abstractmethod
+    def request_stop(self) -> None:
+        """Ask every worker to leave at its next step."""
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self.stop_word()[0])
+
+    @abstractmethod
+    def stop_word(self) -> np.ndarray:
+        """A one-element array, nonzero once a stop is requested (a worker reads it every
+        step, so it should be a view where the store allows it)."""
+
+    def version(self) -> int:
+        """Global update count (a resumed run's base included)."""
+        return self.counters.version()
+
+    # -- the server's side ----------------------------------------------------------------
+
+    def prepare(self, ctx: Any, config: Any) -> None:
+        """Before the workers start: make what the consistency rule needs (locks come from
+        the server's multiprocessing context ``ctx``; ``config.policy`` names the rule)."""
+
+    @abstractmethod
+    def set_base_version(self, version: int) -> None:
+        """Updates made before this run (a resumed checkpoint's), before the workers start."""
+
+    def recover(self, alive: np.ndarray, dead: list[int]) -> int:
+        """Give back what dead workers held; return how many locks or slots were freed."""
+        return 0
+
+    def unlink(self) -> None:
+        """Remove the store's storage (its creator, once; handles stay valid until closed)."""
+
+    # -- the worker's side ----------------------------------------------------------------
+
+    def bind(self, rank: int) -> None:
+        """Called by worker ``rank`` before its first push (it records its claims)."""
+
+    def unbind(self) -> None:
+        """Called by a worker before it closes the store (drops its views)."""
+
+    def close(self) -> None:
+        """Drop this process's handle. Idempotent."""
+
+
+class ShmStore(Segment, Store):
+    """The server's segment: flat parameters, optimizer state, counters, control words,
+    and the locking policy that says how pushes are applied.
 
     Arrays: ``params`` (the flat parameter vector of the model layout),
     ``state`` (``slots x params``, the optimizer state when it is shared),
     ``counters`` (``workers x len(COUNTER_FIELDS)`` float64, each row written by
     its worker only, so no lock is needed) and ``control`` (int64 words the
-    server writes: ``stop``).
+    server writes: ``stop``, ``base_version``).
+
+    It pickles to its name and its policy (whose locks can travel only while a
+    worker is being spawned); a worker that unpickles it attaches.
     """
+
+    policy: Policy | None = None
+    _counters: Counters | None = None
 
     @classmethod
     def create_for(
@@ -313,7 +571,7 @@ class ParamStore(Segment):
         workers: int,
         state_slots: int = 0,
         meta: Mapping[str, Any] | None = None,
-    ) -> ParamStore:
+    ) -> ShmStore:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         n = model_layout.flat_size
@@ -335,14 +593,23 @@ class ParamStore(Segment):
             **(meta or {}),
         }
         store = cls.create(layout, full_meta)
-        assert isinstance(store, ParamStore)
+        assert isinstance(store, ShmStore)
         return store
 
     @classmethod
-    def attach(cls, name: str, *, kind: str | None = "params") -> ParamStore:  # type: ignore[override]
+    def attach(cls, name: str, *, kind: str | None = "params") -> ShmStore:  # type: ignore[override]
         store = super().attach(name, kind=kind)
-        assert isinstance(store, ParamStore)
+        assert isinstance(store, ShmStore)
         return store
+
+    @classmethod
+    def _attach_with(cls, name: str, policy: Policy | None) -> ShmStore:
+        store = cls.attach(name)
+        store.policy = policy
+        return store
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self)._attach_with, (self.name, self.policy))
 
     @property
     def model_layout(self) -> Layout:
@@ -368,8 +635,10 @@ class ParamStore(Segment):
         return self.arrays["state"]
 
     @property
-    def counters(self) -> np.ndarray:
-        return self.arrays["counters"]
+    def counters(self) -> Counters:
+        if self._counters is None:
+            self._counters = Counters(self.arrays["counters"], self.base_version)
+        return self._counters
 
     @property
     def control(self) -> np.ndarray:
@@ -377,19 +646,60 @@ class ParamStore(Segment):
 
     @property
     def workers(self) -> int:
-        return int(self.counters.shape[0])
-
-    def version(self) -> int:
-        """Global update count: a resumed run's base plus the sum of the workers'
-        step counters (no lock)."""
-        return int(self.control[CONTROL["base_version"]] + self.counters[:, COUNTER["steps"]].sum())
-
-    def request_stop(self) -> None:
-        self.control[CONTROL["stop"]] = 1
+        return len(self.counters)
 
     @property
-    def stop_requested(self) -> bool:
-        return bool(self.control[CONTROL["stop"]])
+    def base_version(self) -> int:
+        return int(self.control[_CONTROL["base_version"]])
+
+    def set_base_version(self, version: int) -> None:
+        """Updates made before this run (server only, before the workers start)."""
+        self.control[_CONTROL["base_version"]] = version
+        self.counters.base_version = version
+
+    def prepare(self, ctx: Any, config: Any) -> None:
+        from .policy import make_policy
+
+        # Kept for the whole run: a lock's name is unlinked when the object that created it
+        # is collected, and a worker still starting would then fail to open it.
+        self.policy = make_policy(
+            config.policy, self.model_layout.flat_size, ctx, k=config.k, stripes=config.stripes
+        )
+
+    def push(self, rank: int, backward: Backward, apply: Apply) -> None:
+        policy = self.policy
+        if policy is None:  # no policy handed over: Hogwild!
+            apply(backward(), 0, self.params.size)
+            return
+        policy.step(backward, apply, rank)
+
+    def bind(self, rank: int) -> None:
+        if self.policy is not None:
+            self.policy.bind(self.counters.row(rank))
+
+    def unbind(self) -> None:
+        if self.policy is not None:
+            self.policy.unbind()
+
+    def recover(self, alive: np.ndarray, dead: list[int]) -> int:
+        if self.policy is None:
+            return 0
+        return self.policy.recover(self.counters, alive, dead)
+
+    def request_stop(self) -> None:
+        self.control[_CONTROL["stop"]] = 1
+
+    def stop_word(self) -> np.ndarray:
+        i = _CONTROL["stop"]
+        return self.control[i : i + 1]
+
+    def close(self) -> None:
+        self._counters = None
+        Segment.close(self)
+
+
+ParamStore = ShmStore
+"""The name of :class:`ShmStore` before the Store interface existed."""
 
 
 def list_segments() -> list[tuple[str, int | None, bool]]:

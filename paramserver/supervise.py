@@ -1,9 +1,7 @@
-"""The life of a run's worker processes, shared by both servers.
+"""The life of a run's worker processes: the process half of :class:`paramserver.server.Server`.
 
-:class:`~paramserver.server.ParameterServer` (supervised training) and
-:class:`~paramserver.rl.RLServer` (reinforcement learning) differ in what their
-workers compute and what a run reports. How their processes live is the same,
-and is written once, here:
+Every job (supervised training, A3C, DQN) runs under the one server; how its
+worker processes live is written once, here:
 
 - start: spawned (never forked), daemonic, each with its BLAS/OpenMP pool sizes
   in its environment before it imports anything (:func:`thread_env`); a worker
@@ -12,7 +10,7 @@ and is written once, here:
 - supervision: a worker that dies (killed, crashed in native code, exited) or
   makes no step for ``hang_timeout`` seconds is restarted with the same rank and
   counter row, up to ``max_restarts`` times in a run; locks and slots it held
-  are given back first (:meth:`Policy.recover`). A worker that raised a Python
+  are given back first (:meth:`Store.recover`). A worker that raised a Python
   exception is not restarted (the same code would raise again): the run stops
   with a :class:`WorkerError`;
 - signals: SIGTERM stops a run like Ctrl-C (:class:`Terminated`);
@@ -34,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .policy import Policy
-from .store import COUNTER, COUNTER_FIELDS, STATUS, ParamStore, Segment
+from .store import STATUS
 
 JOIN_TIMEOUT = 10.0
 """Seconds the workers get to stop on their own before they are killed."""
@@ -82,8 +79,8 @@ def run_span(rows: list[dict[str, float]]) -> tuple[float, float]:
 class Supervisor:
     """Owns the segments and the worker processes of one run; base of both servers.
 
-    A subclass's ``start()`` creates its segments with :meth:`_own` (the
-    parameter store as ``self._store``), the policy and the start barrier, then
+    A subclass's ``start()`` creates its segments with :meth:`own` (the
+    store as ``self._store``), the policy and the start barrier, then
     hands :meth:`_start_workers` a :data:`Launch` that spawns one worker with
     :meth:`_spawn`; the same function restarts it. ``config`` needs ``workers``,
     ``max_restarts`` and ``hang_timeout``.
@@ -92,16 +89,15 @@ class Supervisor:
     happened.
     """
 
-    _store: ParamStore | None = None
+    _store: Any = None
 
     def __init__(self, config: Any):
         self.config = config
         self.processes: list[mp.process.BaseProcess] = []
-        self.policy: Policy | None = None
         self.start_barrier: Any = None
         self.restarts = 0
         """Workers restarted in this run."""
-        self._segments: list[Segment] = []
+        self._segments: list[Any] = []
         self._launch: Launch | None = None
 
     def start(self) -> None:
@@ -120,12 +116,14 @@ class Supervisor:
         self.close()
 
     @property
-    def store(self) -> ParamStore:
+    def store(self) -> Any:
+        """The run's :class:`~paramserver.store.Store`."""
         assert self._store is not None, "server not started"
         return self._store
 
-    def _own(self, segment: Segment) -> Any:
-        """Record ``segment`` as this server's, to unlink in :meth:`close`; return it."""
+    def own(self, segment: Any) -> Any:
+        """Record ``segment`` (or the store) as this server's, to unlink and close in
+        :meth:`close`; return it."""
         self._segments.append(segment)
         return segment
 
@@ -173,12 +171,12 @@ class Supervisor:
     def _cause_of_death(self, rank: int, now: float) -> tuple[str, bool] | None:
         """Why worker ``rank`` is dead or hung, and whether a restart can help; None if well."""
         p = self.processes[rank]
-        row = self.store.counters[rank]
+        row = self.store.counters.row(rank)
         code = p.exitcode
         if code is not None:
-            if code == 0 and row[COUNTER["status"]] != STATUS["failed"]:
+            if code == 0 and row.status != STATUS["failed"]:
                 return None  # finished its share
-            if row[COUNTER["status"]] == STATUS["failed"] or code == 1:
+            if row.status == STATUS["failed"] or code == 1:
                 # Python's exit code for an uncaught exception (also one raised while the
                 # worker was starting): the same code would raise again.
                 return "raised an exception; its traceback is above", False
@@ -186,8 +184,8 @@ class Supervisor:
                 return f"killed by {signal.Signals(-code).name}", True
             return f"exit code {code}", True
         timeout = self.config.hang_timeout
-        if timeout and row[COUNTER["status"]] == STATUS["running"]:
-            silent = now - row[COUNTER["heartbeat"]]
+        if timeout and row.status == STATUS["running"]:
+            silent = now - row.heartbeat
             if silent > timeout:
                 return f"hung: no step for {silent:.1f} s, --hang-timeout {timeout:g}", True
         return None
@@ -225,18 +223,17 @@ class Supervisor:
             dead.append(rank)
         if self.restarts:  # free what the dead held (also locks leaked in a kill's window)
             alive = np.array([p.is_alive() for p in self.processes])
-            assert self.policy is not None
-            self.policy.recover(store.counters, alive, dead)
+            store.recover(alive, dead)
         for rank in dead:
-            row = store.counters[rank]
-            row[COUNTER["urgent"]] = 0
-            row[COUNTER["status"]] = STATUS["starting"]
-            row[COUNTER["restarts"]] += 1
+            row = store.counters.row(rank)
+            row.urgent = 0
+            row.status = STATUS["starting"]
+            row.restarts += 1
             old = self.processes[rank]
             with contextlib.suppress(ValueError):
                 old.close()
             assert self._launch is not None
-            self.processes[rank] = self._launch(rank, int(row[COUNTER["restarts"]]))
+            self.processes[rank] = self._launch(rank, int(row.restarts))
         if dead:
             self._restarted(dead)
 
@@ -255,7 +252,7 @@ class Supervisor:
         self._supervise(restart=False)
 
     def worker_rows(self) -> list[dict[str, float]]:
-        return [dict(zip(COUNTER_FIELDS, map(float, row), strict=True)) for row in self.store.counters]
+        return self.store.counters.as_dicts()
 
     @contextlib.contextmanager
     def _signals(self, extra: dict[int, Callable[[int, Any], None]] | None = None) -> Iterator[None]:

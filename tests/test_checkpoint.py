@@ -28,7 +28,7 @@ from paramserver.checkpoint import (
 )
 from paramserver.models.numpy_models import NumpyMLP
 from paramserver.models.torch_models import MLP
-from paramserver.store import COUNTER, COUNTER_FIELDS
+from paramserver.store import COUNTER_FIELDS, Counters
 
 LAYOUT = ps.Layout.from_arrays({"a": np.zeros((3, 5), np.float32), "b": np.zeros(7, np.float32)})
 
@@ -41,7 +41,7 @@ def parts(seed: int = 0) -> dict[str, np.ndarray]:
     state = rng.normal(size=(2, LAYOUT.flat_size)).astype(np.float32)
     counters = rng.normal(size=(2, len(COUNTER_FIELDS)))
     for field in ("steps", "epoch", "batch"):
-        counters[:, COUNTER[field]] = rng.integers(0, 100, 2)
+        Counters(counters).column(field)[:] = rng.integers(0, 100, 2)
     return {"params": params, "state": state, "counters": counters}
 
 

@@ -94,7 +94,7 @@ def test_npz_without_the_expected_arrays_exits_2(tmp_path):
 def test_inspect_shows_layout_and_counters_of_a_live_segment_and_leaves_it_alive():
     layout = ps.Layout.from_arrays({"W": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)})
     with ps.ParamStore.create_for(layout, workers=2, meta={"config": {"policy": "po3"}}) as store:
-        store.counters[1, 0] = 7  # worker 1 has made 7 steps
+        store.counters.array[1, 0] = 7  # worker 1 has made 7 steps
         proc = cli("inspect", store.name)
         assert proc.returncode == 0, proc.stderr
         assert "16 parameters in 2 tensors" in proc.stdout

@@ -28,7 +28,8 @@ from paramserver.models.rl_models import build
 from paramserver.rl import RLConfig, RLServer, evaluate, train_rl
 from paramserver.store import list_segments, sweep_stale
 from paramserver.supervise import WorkerError
-from paramserver.workers.rl_worker import EnvGroup, NStep, ReplayPool, bind
+from paramserver.workers.backends import bind_torch as bind
+from paramserver.workers.rl_worker import EnvGroup, NStep, ReplayPool
 
 TIMEOUT = 120
 
@@ -98,7 +99,7 @@ def test_a3c_smoke_writes_log_curve_and_policy(tmp_path):
     doc = json.loads((run_dir / "results.json").read_text())
     assert doc["result"]["env_steps"] == result.env_steps and doc["config"]["algo"] == "a3c"
     assert (run_dir / "reward_curve.png").stat().st_size > 0
-    ev = evaluate(str(run_dir / "policy.pt"), episodes=3)
+    ev = evaluate(str(run_dir / "policy.safetensors"), episodes=3)
     assert len(ev.returns) == 3 and ev.mean_return >= 1
     assert no_children_left()
 
@@ -283,7 +284,7 @@ def test_sigterm_of_the_cli_stops_cleanly_and_writes_the_results(tmp_path):
     (run_dir,) = out.iterdir()
     doc = json.loads((run_dir / "results.json").read_text())
     assert doc["result"]["stop_reason"] == "terminated" and doc["result"]["episodes"] > 0
-    assert (run_dir / "policy.pt").stat().st_size > 0
+    assert (run_dir / "policy.safetensors").stat().st_size > 0
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, f"workers still running: {alive}"
     assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
@@ -333,7 +334,7 @@ def test_cli_trains_then_evaluates(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "episodes" in proc.stdout and "steps/s" in proc.stdout
     (run_dir,) = tmp_path.iterdir()
-    proc = cli("--evaluate", str(run_dir / "policy.pt"), "--eval-episodes", "2")
+    proc = cli("--evaluate", str(run_dir / "policy.safetensors"), "--eval-episodes", "2")
     assert proc.returncode == 0, proc.stderr
     assert "2 episodes of CartPole-v1: mean return" in proc.stdout
 
@@ -343,7 +344,7 @@ def test_cli_trains_then_evaluates(tmp_path):
     [
         (["--env", "NoSuchEnv-v0"], "unknown environment"),
         (["--algo", "dqn", "--env", "Pendulum-v1"], "Discrete"),
-        (["--evaluate", "/nonexistent/policy.pt"], "no policy file"),
+        (["--evaluate", "/nonexistent/policy.safetensors"], "no policy file"),
         (["--workers", "0"], "workers must be at least 1"),
     ],
 )

@@ -18,7 +18,6 @@ import pytest
 from paramserver.layout import Layout
 from paramserver.store import (
     CONTROL_FIELDS,
-    COUNTER,
     COUNTER_FIELDS,
     PREFIX,
     SHM_DIR,
@@ -313,7 +312,7 @@ def test_create_for_array_shapes(store):
 
     assert store.params.shape == (n,) and store.params.dtype == np.float32
     assert store.state.shape == (2, n) and store.state.dtype == np.float32
-    assert store.counters.shape == (3, len(COUNTER_FIELDS)) and store.counters.dtype == np.float64
+    assert store.counters.array.shape == (3, len(COUNTER_FIELDS)) and store.counters.array.dtype == np.float64
     assert store.control.shape == (len(CONTROL_FIELDS),) and store.control.dtype == np.int64
     assert store.workers == 3
     assert store.meta["kind"] == "params"
@@ -344,9 +343,9 @@ def test_create_for_rejects_mixed_dtype_model():
 def test_version_sums_steps(store):
     assert store.version() == 0
 
-    store.counters[0, COUNTER["steps"]] = 4
-    store.counters[2, COUNTER["steps"]] = 7
-    store.counters[1, COUNTER["samples"]] = 1000  # not a step
+    store.counters.row(0).steps = 4
+    store.counters.row(2).steps = 7
+    store.counters.row(1).samples = 1000  # not a step
 
     assert store.version() == 11
     assert isinstance(store.version(), int)

@@ -169,7 +169,9 @@ def test_fused_and_split_steps_give_the_same_loss_and_gradient(tf, digits):
     out = {}
     for fused in (True, False):
         grad = np.zeros_like(init)
-        backend = TFBackend(spec, layout, init, grad, fused=fused)
+        policy = "po3" if fused else "po1"  # po3 computes the gradient in forward, po1 in backward
+        backend = TFBackend(spec, layout, init, grad, config=ps.TrainConfig(policy=policy, out_dir=""))
+        assert backend.fused == fused
         loss = backend.forward(x, y)
         backend.backward()
         stats = [v.numpy() for v in backend.model.non_trainable_variables]

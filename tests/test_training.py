@@ -7,6 +7,7 @@ import multiprocessing as mp
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from helpers import ConstantGrad, config, small
 
@@ -113,8 +114,8 @@ def _zero_copy_child(store: ps.ParamStore, payload: bytes, rank: int) -> None:
     views = store.model_layout.unflatten(store.params)
     same = all(p.data_ptr() == views[n].ctypes.data for n, p in backend.model.named_parameters())
     first = next(backend.model.parameters())
-    store.counters[rank, 0] = 1.0 if same else -1.0
-    store.counters[rank, 1] = float(first.detach().sum())  # what this worker sees
+    store.counters.array[rank, 0] = 1.0 if same else -1.0
+    store.counters.array[rank, 1] = float(first.detach().sum())  # what this worker sees
     if rank == 0:
         with torch.no_grad():
             first.add_(1.0)  # an in-place update by worker 0, no message sent
@@ -139,11 +140,11 @@ def test_torch_parameters_are_views_of_the_segment_and_updates_are_seen_by_other
             p.start()
             p.join(60)
             assert p.exitcode == 0
-        assert store.counters[0, 0] == 1.0, "worker 0's parameters are not views of the segment"
-        assert store.counters[1, 0] == 1.0, "worker 1's parameters are not views of the segment"
-        assert store.counters[0, 1] == pytest.approx(before, abs=1e-4)
+        assert store.counters.array[0, 0] == 1.0, "worker 0's parameters are not views of the segment"
+        assert store.counters.array[1, 0] == 1.0, "worker 1's parameters are not views of the segment"
+        assert store.counters.array[0, 1] == pytest.approx(before, abs=1e-4)
         n_first = layout[first_name].size
-        assert store.counters[1, 1] == pytest.approx(before + n_first, abs=1e-3)
+        assert store.counters.array[1, 1] == pytest.approx(before + n_first, abs=1e-3)
 
 
 # -- every policy trains with two workers; accuracy ------------------------------------
@@ -229,7 +230,7 @@ def test_steps_budget_is_exact_and_results_are_written(digits, tmp_path):
     doc = json.loads((tmp_path / result.run_dir.split("/")[-1] / "results.json").read_text())
     assert doc["result"]["updates"] == 31
     assert doc["machine"]["usable_cores"] >= 1
-    saved = np.load(tmp_path / result.run_dir.split("/")[-1] / "params.npz")
+    saved = safetensors.numpy.load_file(tmp_path / result.run_dir.split("/")[-1] / "params.safetensors")
     np.testing.assert_array_equal(saved["W0"], result.params["W0"])
 
 

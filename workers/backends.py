@@ -1,21 +1,29 @@
-"""Backends: how a worker computes a loss and a flat gradient with a given framework.
+"""Backends: how a framework turns a user's model into a spec, a loss and a flat gradient.
 
-A backend is built on two flat vectors it does not own: ``params`` (a view of
-the shared segment) and ``grad`` (the worker's own gradient buffer). After
-``forward(x, y)`` returns the batch loss, ``backward()`` leaves the whole
-gradient in ``grad``; nothing is copied in between. Frameworks are imported
-here, inside the worker, only when asked for.
+One interface, chosen by name (:data:`BACKENDS`, :func:`backend_class`,
+:func:`backend_for`): each backend knows how to make its spec from a user's
+model (:meth:`Backend.make_spec`, in the calling process), configure a worker
+process (:meth:`Backend.configure`: threads, seed), forward/backward/predict,
+and hand the trained model back (:meth:`Backend.hand_back`). Nothing outside
+this registry asks which framework a model belongs to.
+
+A backend instance is built on two flat vectors it does not own: ``params``
+(a view of the shared segment) and ``grad`` (the worker's own gradient
+buffer). After ``forward(x, y)`` returns the batch loss, ``backward()`` leaves
+the whole gradient in ``grad``; nothing is copied in between. Frameworks are
+imported only when asked for.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -67,6 +75,55 @@ class _PayloadFile:
 
 
 class Backend(ABC):
+    """One framework: from the user's model to the worker's loss and gradient and back."""
+
+    name: ClassVar[str]
+    """Its key in :data:`BACKENDS`. An instance is built as ``cls(spec, layout, params, grad,
+    config=None, rank=0)``: a worker passes its config and rank (the tf backend takes its
+    device and when to compute the gradient from them)."""
+
+    # -- in the calling process -------------------------------------------------------
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether ``model`` is this framework's (checked without importing it)."""
+        return False
+
+    @classmethod
+    def make_spec(
+        cls, model: Any, loss: Callable[..., Any] | None, seed: int, data: Any
+    ) -> tuple[ModelSpec, Layout, np.ndarray]:
+        """The spec workers rebuild the model from, its layout and its initial flat vector."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Refuse options this backend cannot honour (ValueError naming the fix)."""
+        if getattr(config, "device_list", None):
+            raise ValueError(f"devices apply to the tf backend only; the {cls.name} model runs on the CPU")
+
+    @classmethod
+    def hand_back(
+        cls, model: Any, spec: ModelSpec, layout: Layout, params: dict[str, np.ndarray], data: Any
+    ) -> Any:
+        """The user's model holding the trained ``params`` (by name)."""
+        return model
+
+    @classmethod
+    def seed_initial(cls, seed: int) -> None:
+        """Import the framework (ImportError naming the extra to install) and seed the
+        initial parameters of models built next in this process."""
+
+    # -- in a worker --------------------------------------------------------------------
+
+    @classmethod
+    def configure(cls, threads: int, seed: int) -> None:
+        """Size the framework's thread pool (before the first forward pass) and seed it
+        (dropout and other randomness inside the model)."""
+
+    def for_evaluation(self, data: Any) -> None:
+        """Prepare this instance to score the live parameters (the server's copy)."""
+
     @abstractmethod
     def forward(self, x: np.ndarray, y: np.ndarray) -> float:
         """Loss of the batch; keeps what ``backward`` needs."""
@@ -116,6 +173,24 @@ def recalibrate_batch_norm(model: Any, x: np.ndarray, batch: int = 256) -> bool:
     return True
 
 
+def bind_torch(model: Any, layout: Layout, params: np.ndarray, grad: np.ndarray | None) -> None:
+    """Make ``model``'s trainable parameters views of ``params`` and their gradients views
+    of ``grad`` (zero copy: the model *is* the shared memory)."""
+    import torch
+
+    views = layout.unflatten(params)
+    gviews = layout.unflatten(grad) if grad is not None else {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Never call model.share_memory() after this: it would copy these
+            # views into a new segment and silently end the sharing.
+            p.data = torch.from_numpy(views[name])
+            if grad is not None:
+                p.grad = torch.from_numpy(gviews[name])
+
+
 class TorchBackend(Backend):
     """Zero copy: every ``param.data`` is a view of the segment, every ``param.grad``
     a view of the flat gradient buffer, so ``backward()`` writes the flat gradient.
@@ -124,9 +199,10 @@ class TorchBackend(Backend):
     ``predict`` first re-estimates the batch-norm statistics from them, see
     :func:`recalibrate_batch_norm`."""
 
+    name = "torch"
     calibration: np.ndarray | None = None
 
-    def __init__(self, spec: ModelSpec, layout: Layout, params: np.ndarray, grad: np.ndarray | None):
+    def __init__(self, spec, layout, params, grad, *, config=None, rank=0):  # type: ignore[no-untyped-def]
         import torch
 
         model = spec.load()
@@ -137,18 +213,61 @@ class TorchBackend(Backend):
         self.model = model
         self.grad = grad
         self.loss_fn = spec.loss or torch.nn.functional.cross_entropy
-        views = layout.unflatten(params)
-        gviews = layout.unflatten(grad) if grad is not None else {}
+        bind_torch(model, layout, params, grad)
+        self._loss: Any = None
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return any(c.__module__.startswith("torch.") for c in type(model).__mro__) and _is_torch_module(model)
+
+    @classmethod
+    def make_spec(cls, model, loss, seed, data):  # type: ignore[no-untyped-def]
+        layout = Layout.from_torch(model)
+        layout.dtype  # noqa: B018 (raises for mixed dtypes, naming the fix)
+        init = layout.flatten(
+            {n: p.detach().cpu().numpy() for n, p in model.named_parameters() if p.requires_grad}
+        )
+        try:
+            payload = pickle.dumps(model)
+        except Exception as e:
+            raise TypeError(
+                f"the model could not be pickled for the worker processes ({e}); define its "
+                "class at module level (and guard the script with if __name__ == '__main__')"
+            ) from None
+        return ModelSpec("torch", payload, loss), layout, init
+
+    @classmethod
+    def hand_back(cls, model, spec, layout, params, data):  # type: ignore[no-untyped-def]
+        import torch
+
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if not p.requires_grad:
-                    continue
-                # Never call model.share_memory() after this: it would copy these
-                # views into a new segment and silently end the sharing.
-                p.data = torch.from_numpy(views[name])
-                if grad is not None:
-                    p.grad = torch.from_numpy(gviews[name])
-        self._loss: Any = None
+                if name in params:
+                    p.copy_(torch.from_numpy(params[name]))
+        recalibrate_batch_norm(model, data.x_train[:CALIBRATION_SAMPLES])
+        return model
+
+    @classmethod
+    def seed_initial(cls, seed: int) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise ImportError("PyTorch is not installed: pip install 'paramserver[torch]'") from None
+        torch.manual_seed(seed)
+
+    @classmethod
+    def configure(cls, threads: int, seed: int) -> None:
+        import torch
+
+        torch.manual_seed(seed)
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or work already ran in this process
+            pass
+
+    def for_evaluation(self, data: Any) -> None:
+        self.calibration = data.x_train[:CALIBRATION_SAMPLES]  # batch-norm statistics, live
 
     def forward(self, x: np.ndarray, y: np.ndarray) -> float:
         torch = self.torch
@@ -182,7 +301,9 @@ class TorchBackend(Backend):
 class NumpyBackend(Backend):
     """A ``NumpyModel`` reading views of the segment and writing views of the gradient."""
 
-    def __init__(self, spec: ModelSpec, layout: Layout, params: np.ndarray, grad: np.ndarray | None):
+    name = "numpy"
+
+    def __init__(self, spec, layout, params, grad, *, config=None, rank=0):  # type: ignore[no-untyped-def]
         from paramserver.models.numpy_models import softmax_cross_entropy
 
         self.model = spec.payload
@@ -190,6 +311,20 @@ class NumpyBackend(Backend):
         self.params = layout.unflatten(params)
         self.grads = layout.unflatten(grad) if grad is not None else {}
         self._pending: Any = None
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        from paramserver.models.numpy_models import NumpyModel
+
+        return isinstance(model, NumpyModel)
+
+    @classmethod
+    def make_spec(cls, model, loss, seed, data):  # type: ignore[no-untyped-def]
+        if loss is not None:
+            raise ValueError("NumPy models have a built-in softmax cross-entropy; do not pass loss")
+        init = model.init(np.random.default_rng(seed))
+        layout = Layout.from_arrays(init)
+        return ModelSpec("numpy", model), layout, layout.flatten(init)
 
     def forward(self, x: np.ndarray, y: np.ndarray) -> float:
         logits, cache = self.model.forward(self.params, x)
@@ -206,6 +341,41 @@ class NumpyBackend(Backend):
         return self.model.forward(self.params, x)[0]  # BLAS threads: limited by the caller
 
 
+def _is_torch_module(model: Any) -> bool:
+    import torch
+
+    return isinstance(model, torch.nn.Module)
+
+
+BACKENDS = {
+    "torch": "paramserver.workers.backends:TorchBackend",
+    "tf": "paramserver.workers.tf_backend:TFBackend",
+    "numpy": "paramserver.workers.backends:NumpyBackend",
+}
+"""The registry: backend name -> where its class lives (imported when first asked for,
+so that nobody pays for a framework they do not use)."""
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend called ``name`` (one of :data:`BACKENDS`)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def backend_for(model: Any) -> type[Backend]:
+    """The backend whose framework ``model`` belongs to; TypeError naming the choices."""
+    for name in BACKENDS:
+        cls = backend_class(name)
+        if cls.accepts(model):
+            return cls
+    raise TypeError(
+        f"model must be a torch.nn.Module, a paramserver.KerasModel or a "
+        f"paramserver.models.numpy_models.NumpyModel, got {type(model).__name__}"
+    )
+
+
 def make_backend(
     spec: ModelSpec,
     layout: Layout,
@@ -215,35 +385,5 @@ def make_backend(
     config: Any = None,
     rank: int = 0,
 ) -> Backend:
-    """The backend of ``spec``; a worker passes its ``config`` and ``rank`` (the tf backend
-    takes its device and when to compute the gradient from them)."""
-    if spec.backend == "tf":
-        from .tf_backend import GRADIENT_IN_FORWARD, TFBackend
-
-        if config is None:
-            return TFBackend(spec, layout, params, grad)
-        fused = config.policy in GRADIENT_IN_FORWARD
-        return TFBackend(spec, layout, params, grad, device=config.device_of(rank), fused=fused)
-    if spec.backend == "torch":
-        return TorchBackend(spec, layout, params, grad)
-    if spec.backend == "numpy":
-        return NumpyBackend(spec, layout, params, grad)
-    raise ValueError(f"unknown backend {spec.backend!r}; choose one of torch, tf, numpy")
-
-
-def set_threads_and_seed(backend: str, threads: int, seed: int) -> None:
-    """Size the framework's thread pool (before the first forward pass) and seed it
-    (dropout and other randomness inside the model)."""
-    if backend == "torch":
-        import torch
-
-        torch.manual_seed(seed)
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # already set, or work already ran in this process
-            pass
-    elif backend == "tf":
-        from .tf_backend import set_threads_and_seed as tf_threads_and_seed
-
-        tf_threads_and_seed(threads, seed)
+    """An instance of ``spec``'s backend on ``params`` (and ``grad``, in a worker)."""
+    return backend_class(spec.backend)(spec, layout, params, grad, config=config, rank=rank)

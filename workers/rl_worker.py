@@ -1,15 +1,17 @@
-"""The RL worker process: own environments, shared agent, A3C or DQN until told to stop.
+"""Reinforcement learning tasks for the one worker loop: A3C and DQN on gymnasium.
 
-Started by :class:`paramserver.rl.RLServer` with the spawn start method; the
-entry point is :func:`rl_worker_main`. The network's ``param.data`` are views
-of the shared parameters and its ``param.grad`` views of one local flat
-gradient buffer, as in :class:`~paramserver.workers.backends.TorchBackend`:
-``loss.backward()`` writes the flat gradient, and the policy and update rule
-of supervised training apply it to the shared vector.
+The server side is :mod:`paramserver.rl`; the loop that runs these tasks is
+:func:`paramserver.workers.worker.run`, the same as for supervised training,
+so staleness, attenuation, learning-rate schedules, the non-finite check and
+checkpoints come from there. Each task owns its environments, its rollouts and
+(DQN) its replay pool; the network's ``param.data`` are views of the shared
+parameters and its ``param.grad`` views of the worker's flat gradient buffer
+(:func:`paramserver.workers.backends.bind_torch`), so ``loss.backward()``
+writes the flat gradient.
 
-The algorithms (:func:`run_a3c`, :func:`run_dqn`) only see a model, a
-``push(loss)`` that turns a loss into an update, and an :class:`EnvGroup`, so
-the benchmark runs the very same loops in one process with ``torch.optim``.
+A task's :meth:`~A3CTask.forward` is one iteration of its algorithm up to the
+loss; ``backward`` computes the gradient of that loss and clips it. The
+benchmark drives the very same tasks in one process with ``torch.optim``.
 
 A worker restarted by the server (after a kill or a hang) has the same rank and
 counter row: its step, update and episode counts go on, and so does epsilon;
@@ -21,178 +23,34 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from paramserver.layout import Layout
-from paramserver.optim import Updater
-from paramserver.policy import Policy
-from paramserver.store import CONTROL, COUNTER, STATUS, ParamStore, Segment
+from paramserver.config import RLConfig
+from paramserver.store import Gradient, Segment
 
-from .backends import set_threads_and_seed
-from .worker import die_with_parent, place
+from .backends import bind_torch
+from .worker import Context, Task
 
-if TYPE_CHECKING:
-    import torch
-
-    from paramserver.rl import Placement, RLConfig
-
-START_TIMEOUT = 120.0
-"""Seconds a worker waits for the others to be ready before starting alone."""
-LOSS_SMOOTHING = 0.05
-
-Push = Callable[["torch.Tensor"], bool]
-"""Turns a loss into an update of the parameters; False if the gradient was not finite."""
+EnvFactory = Callable[[], Any]
 
 
-def rl_worker_main(
-    rank: int,
-    store: ParamStore,
-    episodes: Segment,
-    policy: Policy,
-    start: Any,
-    config: RLConfig,
-    env: Any,
-    model_args: dict[str, Any],
-    placement: Placement,
-) -> None:
-    """Entry point of an RL worker (spawned; ``store`` and ``episodes`` arrive attached)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
-    die_with_parent(placement.parent_pid)
-    for w in place(placement.cores, config.nice):
-        print(f"paramserver rl worker {rank}: warning: {w}", flush=True)
-    set_threads_and_seed("torch", placement.threads, config.seed + rank)
-    row = store.counters[rank]
-    row[COUNTER["pid"]] = os.getpid()
+def make_env(env: str | EnvFactory) -> Any:
+    """An environment from a gymnasium id or a factory; unknown ids are a ValueError."""
+    if callable(env):
+        return env()
+    import gymnasium as gym
+
     try:
-        _run(rank, store, episodes, policy, start, config, env, model_args, placement)
-        row[COUNTER["status"]] = STATUS["done"]
-    except BaseException:
-        row[COUNTER["status"]] = STATUS["failed"]
-        raise
-    finally:
-        row[COUNTER["finished"]] = time.time()
-        del row
-        policy.unbind()
-        # After an exception its traceback can still hold views of the segments; the
-        # mapping then goes when this process exits a moment later.
-        with contextlib.suppress(BufferError):
-            store.close()
-            episodes.close()
-
-
-def _run(
-    rank: int,
-    store: ParamStore,
-    episodes: Segment,
-    policy: Policy,
-    start: Any,
-    config: RLConfig,
-    env: Any,
-    model_args: dict[str, Any],
-    placement: Placement,
-) -> None:
-    from paramserver.models.rl_models import build
-
-    params = store.params
-    rule = config.update_rule()
-    shared_state = config.shared_state and rule.state_slots > 0
-    state = store.state if shared_state else np.zeros((rule.state_slots, params.size), params.dtype)
-    grad = np.zeros_like(params)
-    model = build(**model_args)
-    layout = Layout.from_torch(model)
-    store.check_model(layout)
-    bind(model, layout, params, grad)
-    update = Updater(rule, params, grad, state, config.learning_rate)
-    row = store.counters[rank]
-    policy.bind(row)  # what this worker holds, for the server to give back if it dies
-    steps_column = store.counters[:, COUNTER["steps"]]
-    local_updates = int(row[COUNTER["steps"]])  # a restarted worker counts on
-
-    def push(loss: torch.Tensor) -> bool:
-        finite = True
-
-        def backward() -> None:
-            nonlocal finite
-            grad.fill(0)  # backward() accumulates into the views
-            loss.backward()
-            finite = clip_flat(grad, config.max_grad_norm or 0.0)
-
-        def apply(a: int, b: int) -> None:
-            if finite:
-                update(a, b)
-
-        nonlocal local_updates
-        version = int(steps_column.sum())
-        row[COUNTER["pulled_version"]] = version
-        # RMSProp has no bias correction; Adam's counts the updates made to its state.
-        update.t = version + 1 if shared_state else local_updates + 1
-        policy.step(backward, apply, rank)
-        if finite:
-            local_updates += 1
-            row[COUNTER["steps"]] = local_updates
-        else:
-            row[COUNTER["nonfinite"]] += 1
-        return finite
-
-    ring, count = episodes["ring"][rank], episodes["count"][rank : rank + 1]
-
-    def record(ret: float, length: int) -> None:
-        i = int(count[0])
-        ring[i % len(ring)] = (ret, length, time.time())
-        count[0] = i + 1  # after the row: the server reads rows below the count
-
-    control, c_stop = store.control, CONTROL["stop"]
-    parent = placement.parent_pid
-    limit = placement.max_steps
-
-    def report(env_steps: int, loss: float | None) -> bool:
-        """Write this worker's figures; True when it must stop."""
-        row[COUNTER["samples"]] = env_steps
-        if loss is not None:
-            old = row[COUNTER["loss"]]
-            row[COUNTER["loss"]] = loss if local_updates <= 1 else old + LOSS_SMOOTHING * (loss - old)
-        row[COUNTER["heartbeat"]] = time.time()
-        return bool(control[c_stop]) or os.getppid() != parent or bool(limit and env_steps >= limit)
-
-    envs = EnvGroup(env, config.envs_per_worker, config.seed, rank, config.workers, record)
-    envs.steps = int(row[COUNTER["samples"]])  # a restarted worker counts on (epsilon, its share)
-    rng = np.random.default_rng(config.seed + rank)
-    if placement.life == 0:
-        try:
-            start.wait(START_TIMEOUT)  # the others are still importing: begin together
-        except threading.BrokenBarrierError:
-            pass  # one failed to start; the server sees it and stops the run
-    now = time.time()
-    row[COUNTER["heartbeat"]] = now
-    if not row[COUNTER["started"]]:
-        row[COUNTER["started"]] = now
-    row[COUNTER["status"]] = STATUS["running"]
-    try:
-        if config.algo == "a3c":
-            run_a3c(model, push, envs, config, rng, report)
-        else:
-            run_dqn(model, push, envs, config, rng, report)
-    finally:
-        envs.close()
-
-
-def bind(model: torch.nn.Module, layout: Layout, params: np.ndarray, grad: np.ndarray) -> None:
-    """Make ``model``'s parameters views of ``params`` and its gradients views of ``grad``."""
-    import torch
-
-    views, gviews = layout.unflatten(params), layout.unflatten(grad)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # Never call model.share_memory() after this: it would copy the views away.
-            p.data = torch.from_numpy(views[name])
-            p.grad = torch.from_numpy(gviews[name])
+        return gym.make(env)
+    except gym.error.Error as e:
+        raise ValueError(
+            f"unknown environment {env!r} ({e}); give a registered gymnasium id such as "
+            "'CartPole-v1' (gymnasium.pprint_registry() lists them) or pass a factory"
+        ) from None
 
 
 def clip_flat(grad: np.ndarray, max_norm: float) -> bool:
@@ -203,6 +61,68 @@ def clip_flat(grad: np.ndarray, max_norm: float) -> bool:
     if max_norm and norm > max_norm:
         grad *= max_norm / (norm + 1e-6)
     return True
+
+
+class RLTask(Task):
+    """What A3C and DQN share: the network on the shared parameters, the environments,
+    the episode ring, and a backward that clips the gradient."""
+
+    loss_smoothing = 0.05
+
+    def __init__(
+        self,
+        config: RLConfig,
+        env: str | EnvFactory,
+        model_args: dict[str, Any],
+        episodes: Segment | None = None,
+    ):
+        self.config = config
+        self.env = env
+        self.model_args = model_args
+        self.episodes = episodes
+        self.record: Callable[[float, int], None] | None = None
+        """Called for every finished episode (return, length); default: the worker's ring."""
+        self._loss: Any = None
+
+    def start(self, ctx: Context) -> None:
+        from paramserver.models.rl_models import build
+
+        self.model = build(**self.model_args)
+        bind_torch(self.model, ctx.layout, ctx.params, ctx.grad)
+        self.grad = ctx.grad
+        if self.record is None:
+            assert self.episodes is not None, "an RL task needs its episode ring or a record callback"
+            ring, count = self.episodes["ring"][ctx.rank], self.episodes["count"][ctx.rank : ctx.rank + 1]
+
+            def record(ret: float, length: int) -> None:
+                i = int(count[0])
+                ring[i % len(ring)] = (ret, length, time.time())
+                count[0] = i + 1  # after the row: the server reads rows below the count
+
+            self.record = record
+        cfg = self.config
+        self.envs = EnvGroup(self.env, cfg.envs_per_worker, cfg.seed, ctx.rank, ctx.workers, self.record)
+        self.envs.steps = ctx.samples  # a restarted worker counts on (epsilon, its share)
+        self.rng = np.random.default_rng(cfg.seed + ctx.rank)
+
+    def backward(self) -> Gradient:
+        self.grad.fill(0)  # backward() accumulates into the views
+        self._loss.backward()
+        self._loss = None
+        return Gradient(self.grad, finite=clip_flat(self.grad, self.config.max_grad_norm or 0.0))
+
+    def _took(self, before: int) -> None:
+        self.samples_taken = self.envs.steps - before
+
+    def close(self) -> None:
+        envs = getattr(self, "envs", None)
+        if envs is not None:
+            envs.close()
+        # Every view of the shared memory goes first (the record closure holds the ring).
+        self.envs = self.model = self.grad = self.record = self._loss = None  # type: ignore[assignment]
+        if self.episodes is not None:
+            with contextlib.suppress(BufferError):  # a traceback may still hold a view
+                self.episodes.close()
 
 
 # -- environments ----------------------------------------------------------------------------
@@ -226,8 +146,6 @@ class EnvGroup:
         workers: int,
         record: Callable[[float, int], None],
     ):
-        from paramserver.rl import make_env
-
         self.envs = [make_env(env) for _ in range(n)]
         self.record = record
         first = []
@@ -283,14 +201,7 @@ class EnvGroup:
 # -- A3C ---------------------------------------------------------------------------------------
 
 
-def run_a3c(
-    model: torch.nn.Module,
-    push: Push,
-    envs: EnvGroup,
-    cfg: RLConfig,
-    rng: np.random.Generator,
-    report: Callable[[int, float | None], bool],
-) -> None:
+class A3CTask(RLTask):
     """Advantage actor-critic on ``n_steps`` rollouts of every environment.
 
     Per update: ``n_steps x len(envs)`` transitions; n-step returns bootstrapped
@@ -302,49 +213,54 @@ def run_a3c(
     on them too, after the rollout (another worker may have moved them meanwhile:
     that staleness is A3C's, and Hogwild's, contract).
     """
-    import torch
-    import torch.nn.functional as F
 
-    assert cfg.n_steps is not None, "RLConfig fills in the algorithm's default"
-    n, e, gamma = cfg.n_steps, len(envs), cfg.gamma
-    obs_buf = np.empty((n, e, envs.obs.shape[1]), dtype=np.float32)
-    act_buf = np.empty((n, e), dtype=np.int64)
-    rew_buf = np.empty((n, e), dtype=np.float32)
-    done_buf = np.empty((n, e), dtype=np.float32)
-    returns = np.empty((n, e), dtype=np.float32)
-    if report(envs.steps, None):
-        return
-    while True:
+    def start(self, ctx: Context) -> None:
+        super().start(ctx)
+        cfg = self.config
+        assert cfg.n_steps is not None, "RLConfig fills in the algorithm's default"
+        n, e = cfg.n_steps, len(self.envs)
+        self.obs_buf = np.empty((n, e, self.envs.obs.shape[1]), dtype=np.float32)
+        self.act_buf = np.empty((n, e), dtype=np.int64)
+        self.rew_buf = np.empty((n, e), dtype=np.float32)
+        self.done_buf = np.empty((n, e), dtype=np.float32)
+        self.returns = np.empty((n, e), dtype=np.float32)
+
+    def forward(self) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        cfg, envs, model = self.config, self.envs, self.model
+        n, e, gamma = self.obs_buf.shape[0], len(envs), cfg.gamma
+        before = envs.steps
         with torch.no_grad():
             for t in range(n):
-                obs_buf[t] = envs.obs
+                self.obs_buf[t] = envs.obs
                 logits = model.act_logits(torch.from_numpy(envs.obs)).numpy()
-                act_buf[t] = _sample(logits, rng)
-                _, reward, terminated, truncated, final = envs.step(act_buf[t])
+                self.act_buf[t] = _sample(logits, self.rng)
+                _, reward, terminated, truncated, final = envs.step(self.act_buf[t])
                 if truncated.any():  # a time limit, not an end: bootstrap from where it stopped
                     _, v_final = model(torch.from_numpy(final[truncated]))
                     reward[truncated] += gamma * v_final.numpy()
-                rew_buf[t] = reward
-                done_buf[t] = terminated | truncated
+                self.rew_buf[t] = reward
+                self.done_buf[t] = terminated | truncated
             _, v_last = model(torch.from_numpy(envs.obs))
             ret = v_last.numpy()
             for t in reversed(range(n)):
-                ret = rew_buf[t] + gamma * ret * (1.0 - done_buf[t])
-                returns[t] = ret
-        logits, values = model(torch.from_numpy(obs_buf.reshape(n * e, -1)))
+                ret = self.rew_buf[t] + gamma * ret * (1.0 - self.done_buf[t])
+                self.returns[t] = ret
+        self._took(before)
+        logits, values = model(torch.from_numpy(self.obs_buf.reshape(n * e, -1)))
         logp = F.log_softmax(logits, dim=1)
-        target = torch.from_numpy(returns.reshape(-1))
+        target = torch.from_numpy(self.returns.reshape(-1))
         advantage = target - values.detach()
-        chosen = logp.gather(1, torch.from_numpy(act_buf.reshape(-1, 1))).squeeze(1)
+        chosen = logp.gather(1, torch.from_numpy(self.act_buf.reshape(-1, 1))).squeeze(1)
         entropy = -(logp.exp() * logp).sum(1).mean()
-        loss = (
+        self._loss = (
             -(chosen * advantage).mean()
             + cfg.value_coef * (target - values).pow(2).mean()
             - cfg.entropy_coef * entropy
         )
-        push(loss)
-        if report(envs.steps, float(loss.detach())):
-            return
+        return float(self._loss.detach())
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -435,14 +351,7 @@ def epsilon(cfg: RLConfig, steps: int) -> float:
     return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
 
 
-def run_dqn(
-    model: torch.nn.Module,
-    push: Push,
-    envs: EnvGroup,
-    cfg: RLConfig,
-    rng: np.random.Generator,
-    report: Callable[[int, float | None], bool],
-) -> None:
+class DQNTask(RLTask):
     """DQN with this worker's own replay pool and a private target network.
 
     Every ``train_every`` lockstep steps (after ``learning_starts`` transitions)
@@ -454,53 +363,66 @@ def run_dqn(
     ``update_steps`` of this worker's updates. An episode cut by a time limit is
     not an end: its last transitions bootstrap like any other.
     """
-    import torch
-    import torch.nn.functional as F
 
-    target_net = copy.deepcopy(model)  # private storage: a snapshot, not a view
-    for p in target_net.parameters():
-        p.requires_grad_(False)
-        p.grad = None
+    def start(self, ctx: Context) -> None:
+        super().start(ctx)
+        cfg = self.config
+        self.target_net = copy.deepcopy(self.model)  # private storage: a snapshot, not a view
+        for p in self.target_net.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        self.pool = ReplayPool(cfg.pool_size, self.envs.obs.shape[1])
+        assert cfg.n_steps is not None, "RLConfig fills in the algorithm's default"
+        self.n_step = NStep(cfg.n_steps, len(self.envs), cfg.gamma)
+        self.updates = self.ticks = 0
 
-    def refresh() -> None:
+    def refresh(self) -> None:
+        """Copy the shared parameters into the target network."""
+        import torch
+
         with torch.no_grad():
-            for tp, p in zip(target_net.parameters(), model.parameters(), strict=True):
+            for tp, p in zip(self.target_net.parameters(), self.model.parameters(), strict=True):
                 tp.copy_(p)
 
-    pool = ReplayPool(cfg.pool_size, envs.obs.shape[1])
-    e = len(envs)
-    assert cfg.n_steps is not None, "RLConfig fills in the algorithm's default"
-    n_step = NStep(cfg.n_steps, e, cfg.gamma)
-    updates, ticks = 0, 0
-    loss_value: float | None = None
-    if report(envs.steps, None):
-        return
-    while True:
+    def forward(self) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        cfg, envs, model, rng = self.config, self.envs, self.model, self.rng
+        e = len(envs)
         obs = envs.obs
+        before = envs.steps
         with torch.no_grad():
             greedy = model.act_logits(torch.from_numpy(obs)).argmax(1).numpy()
         explore = rng.random(e) < epsilon(cfg, envs.steps)
         actions = np.where(explore, rng.integers(0, envs.envs[0].action_space.n, size=e), greedy)
         _, reward, terminated, truncated, final = envs.step(actions)
-        n_step.add(pool, obs, actions, reward, final, terminated, truncated)
-        ticks += 1
-        if pool.size >= max(cfg.learning_starts, cfg.batch_size) and ticks % cfg.train_every == 0:
-            s, a, r, s2, discount = (torch.from_numpy(x) for x in pool.sample(cfg.batch_size, rng))
-            q_all = model(torch.cat([s, s2]) if cfg.double_dqn else s)
-            q = q_all[: len(s)].gather(1, a.unsqueeze(1)).squeeze(1)
-            with torch.no_grad():
-                q_next = target_net(s2)
-                if cfg.double_dqn:
-                    best = q_all[len(s) :].detach().argmax(1, keepdim=True)
-                    v_next = q_next.gather(1, best).squeeze(1)
-                else:
-                    v_next = q_next.max(1).values
-                y = r + discount * v_next
-            loss = F.smooth_l1_loss(q, y)
-            if push(loss):
-                updates += 1
-                if updates % cfg.update_steps == 0:
-                    refresh()
-            loss_value = float(loss.detach())
-        if report(envs.steps, loss_value):
-            return
+        self.n_step.add(self.pool, obs, actions, reward, final, terminated, truncated)
+        self._took(before)
+        self.ticks += 1
+        pool = self.pool
+        if pool.size < max(cfg.learning_starts, cfg.batch_size) or self.ticks % cfg.train_every:
+            return None  # no update this step
+        s, a, r, s2, discount = (torch.from_numpy(x) for x in pool.sample(cfg.batch_size, rng))
+        q_all = model(torch.cat([s, s2]) if cfg.double_dqn else s)
+        q = q_all[: len(s)].gather(1, a.unsqueeze(1)).squeeze(1)
+        with torch.no_grad():
+            q_next = self.target_net(s2)
+            if cfg.double_dqn:
+                best = q_all[len(s) :].detach().argmax(1, keepdim=True)
+                v_next = q_next.gather(1, best).squeeze(1)
+            else:
+                v_next = q_next.max(1).values
+            y = r + discount * v_next
+        self._loss = F.smooth_l1_loss(q, y)
+        return float(self._loss.detach())
+
+    def stepped(self, applied: bool) -> None:
+        if applied:
+            self.updates += 1
+            if self.updates % self.config.update_steps == 0:
+                self.refresh()
+
+
+TASKS = {"a3c": A3CTask, "dqn": DQNTask}
+"""The task of each algorithm."""

@@ -40,11 +40,12 @@ import pickle
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from paramserver.api import KerasModel, is_keras, looks_like_tf_model
 from paramserver.layout import Layout
 
 from .backends import Backend, ModelSpec
@@ -58,36 +59,6 @@ _TF_LOG_NOISE = (
     "I0000 ",
     "To enable the following instructions:",
 )
-
-
-@dataclass(frozen=True, eq=False)
-class KerasModel:
-    """A TensorFlow model for :func:`paramserver.train`: how to build it, not the model.
-
-    ``factory()`` returns a Keras 3 model (Sequential, functional or subclassed)
-    or a ``tf.Module`` whose ``__call__(x)`` returns logits. It runs in every
-    worker (TensorFlow variables cannot be shared), so it must pickle: a
-    module-level function or a ``functools.partial`` of one, and it must build
-    the same variables every time. Initial values come from the server's build.
-    """
-
-    factory: Callable[[], Any]
-    input_shape: tuple[int, ...] | None = None
-    """Shape of one input (set from the data): a model without variables yet is called once on zeros."""
-    calibration: np.ndarray | None = None
-    """Training inputs for the server's copy to re-estimate batch-norm statistics (set from the data)."""
-
-    def __post_init__(self) -> None:
-        if looks_like_tf_model(self.factory):
-            raise TypeError(
-                "KerasModel takes a factory that builds the model, not the model: "
-                "KerasModel(build) where build() returns it"
-            )
-        if not callable(self.factory):
-            raise TypeError(
-                "KerasModel needs a factory, a callable that builds the model; "
-                f"got {type(self.factory).__name__}"
-            )
 
 
 def import_tf() -> Any:
@@ -143,19 +114,10 @@ def set_threads_and_seed(threads: int, seed: int) -> None:
     keras.utils.set_random_seed(seed)  # dropout masks; initial values come from the server
 
 
-def _is_keras(obj: Any) -> bool:
-    return any(c.__module__.split(".")[0] in ("keras", "tf_keras") for c in type(obj).__mro__)
-
-
-def looks_like_tf_model(obj: Any) -> bool:
-    """A Keras model or ``tf.Module`` instance (without importing TensorFlow)."""
-    return _is_keras(obj) or any(c.__module__.startswith("tensorflow") for c in type(obj).__mro__)
-
-
 def _build(km: KerasModel) -> Any:
     model = km.factory()
     tf = import_tf()
-    if not (_is_keras(model) or isinstance(model, tf.Module)):
+    if not (is_keras(model) or isinstance(model, tf.Module)):
         raise TypeError(
             f"the KerasModel factory must return a Keras model or a tf.Module, got {type(model).__name__}"
         )
@@ -243,7 +205,7 @@ class _Graphs:
         tf = import_tf()
         self.tf = tf
         self.model = model
-        self.keras = _is_keras(model)
+        self.keras = is_keras(model)
         self.loss_fn = loss_fn
         self.variables = list(model.trainable_variables)
         self.non_trainable = list(getattr(model, "non_trainable_variables", []))
@@ -335,6 +297,8 @@ class TFBackend(Backend):
     """A Keras model (or ``tf.Module``) in this process, its variables pulled from the
     shared vector every step; see the module docstring for when the gradient is computed."""
 
+    name = "tf"
+
     def __init__(
         self,
         spec: ModelSpec,
@@ -342,9 +306,12 @@ class TFBackend(Backend):
         params: np.ndarray,
         grad: np.ndarray | None,
         *,
-        device: str | None = None,
-        fused: bool = True,
+        config: Any = None,
+        rank: int = 0,
     ):
+        # A worker passes its config: its device, and when to compute the gradient.
+        device = config.device_of(rank) if config is not None else None
+        fused = config.policy in GRADIENT_IN_FORWARD if config is not None else True
         tf = import_tf()
         self.tf = tf
         km: KerasModel = spec.load()
@@ -371,6 +338,43 @@ class TFBackend(Backend):
         self._graphs = _Graphs(model, layout, loss_fn, km.input_shape)
         self._calibrate: Any = None
         self._stash: Any = None
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        if isinstance(model, KerasModel):
+            return True
+        if looks_like_tf_model(model):
+            raise TypeError(
+                f"pass TensorFlow models as paramserver.KerasModel(factory), where factory() builds "
+                f"the model in each worker; got a built {type(model).__name__}"
+            )
+        return False
+
+    @classmethod
+    def make_spec(cls, model, loss, seed, data):  # type: ignore[no-untyped-def]
+        if data is None:
+            raise ValueError("a KerasModel needs the data set (its input shape) to be built")
+        return model_spec(model, loss, data.input_shape, data.x_train)
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        if config.device_list:
+            check_devices(config.device_list)
+
+    @classmethod
+    def hand_back(cls, model, spec, layout, params, data):  # type: ignore[no-untyped-def]
+        return cls(spec, layout, layout.flatten(params), None).trained_model()
+
+    @classmethod
+    def seed_initial(cls, seed: int) -> None:
+        import_tf()
+        import keras
+
+        keras.utils.set_random_seed(seed)
+
+    @classmethod
+    def configure(cls, threads: int, seed: int) -> None:
+        set_threads_and_seed(threads, seed)
 
     def forward(self, x: np.ndarray, y: np.ndarray) -> float:
         with self.device:

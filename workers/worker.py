@@ -1,20 +1,22 @@
-"""The worker process: attach, place itself, then read - compute - update until told to stop.
+"""The worker process: one loop for every job; what a step computes is its task's.
 
-Started by :class:`paramserver.server.ParameterServer` with the spawn start
-method; the entry point is :func:`worker_main`. Each step:
+Started by :class:`paramserver.server.Server` with the spawn start method; the
+entry point is :func:`worker_main`, the loop's step :func:`prepare`. Each step:
 
-1. note the global version (for staleness) and slice a batch out of the
-   shared training data (a view, no copy);
-2. forward pass on the shared parameters, in place (no lock, ever);
+1. note the global version (for staleness): ``store.version()``;
+2. ``task.forward()``: the task's loss on the shared parameters, read in place
+   (supervised training: a batch sliced out of the shared data; A3C: a rollout;
+   DQN: an environment step and, when due, a replay sample);
 3. stale-first gate (when enabled): a worker past the threshold goes first;
-4. ``policy.step``: backward into the local flat gradient, then the update
-   rule over the shared vector, each locked as the policy says; the update's
-   staleness, attenuation and scheduled learning rate are settled just before
-   it is applied (inside the policy's lock, so exact under po1/po2);
+4. ``store.push(rank, backward, apply)``: ``task.backward()`` fills the local
+   flat gradient, then the update rule runs over the shared vector, each part
+   locked as the store's consistency rule (its locking policy) says; the
+   update's staleness, attenuation and scheduled learning rate are settled just
+   before it is applied (inside the policy's lock, so exact under po1/po2);
 5. bump this worker's own counter row (no lock: nobody else writes it).
 
-A worker restarted by the server after a crash has the same rank, shard and
-counter row: it continues from the epoch and batch its row records.
+A worker restarted by the server after a crash has the same rank and counter
+row: it continues from the steps, samples and position its row records.
 """
 
 from __future__ import annotations
@@ -25,24 +27,26 @@ import os
 import signal
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from paramserver.asynchrony import StaleFirst
-from paramserver.config import TrainConfig
+from paramserver.config import RunConfig
 from paramserver.data import epoch_orders, shard
+from paramserver.layout import Layout
 from paramserver.optim import Updater
-from paramserver.policy import Policy
-from paramserver.store import CONTROL, COUNTER, STATUS, ParamStore, Segment
+from paramserver.store import STATUS, Gradient, Segment, Store
 
-from .backends import ModelSpec, make_backend, set_threads_and_seed
+from .backends import Backend, ModelSpec, backend_class
 
 START_TIMEOUT = 120.0
 """Seconds a worker waits for the others to be ready before starting alone."""
-LOSS_SMOOTHING = 0.1
-"""Weight of the newest batch in the smoothed loss a worker reports."""
+FINISHED = object()
+"""What :meth:`Task.forward` returns when the task has no more work (its epochs are done)."""
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,11 @@ class WorkerPlan:
     cores: tuple[int, ...] | None
     """CPUs to pin to (one per thread), or None to leave the affinity alone."""
     threads: int
-    steps: int
-    """Updates this worker applies at most (0 = no limit)."""
     parent_pid: int
+    steps: int = 0
+    """Updates this worker applies at most (0 = no limit)."""
+    samples: int = 0
+    """Samples (RL: environment steps) this worker consumes at most (0 = no limit)."""
     total_updates: int = 0
     """Expected length of the whole run in updates (for the cosine schedule)."""
     life: int = 0
@@ -65,6 +71,59 @@ class WorkerPlan:
     """Epoch to start in (a resumed checkpoint's position)."""
     first_batch: int = 0
     """Batches of ``first_epoch`` already done."""
+
+
+@dataclass
+class Context:
+    """What a task is given when its worker starts."""
+
+    rank: int
+    workers: int
+    config: RunConfig
+    layout: Layout
+    params: np.ndarray
+    """The shared parameters (the live view)."""
+    grad: np.ndarray
+    """This worker's flat gradient buffer (``backward`` writes it)."""
+    position: tuple[int, int]
+    """(epoch, batch) to continue from."""
+    samples: int
+    """Samples this rank consumed in earlier lives (a restarted worker counts on)."""
+
+
+class Task(ABC):
+    """What a worker computes each step. Built by the server (small and picklable:
+    segments travel as handles), started in the worker."""
+
+    loss_smoothing = 0.1
+    """Weight of the newest loss in the smoothed loss a worker reports."""
+    backend = "torch"
+    """The backend whose process settings (threads, seed) the worker applies."""
+    samples_taken = 0
+    """Samples (RL: environment steps) the last ``forward`` consumed."""
+
+    @abstractmethod
+    def start(self, ctx: Context) -> None:
+        """Build the model on ``ctx.params`` and ``ctx.grad`` (in the worker)."""
+
+    @abstractmethod
+    def forward(self) -> Any:
+        """The loss of the next step (a float), None when this step makes no update
+        (DQN before its pool is full), or :data:`FINISHED`."""
+
+    @abstractmethod
+    def backward(self) -> Gradient:
+        """This step's gradient (into ``ctx.grad``), finite or not."""
+
+    def position(self) -> tuple[int, int] | None:
+        """(epoch, batch) reached, for the counter row; None for tasks without epochs."""
+        return None
+
+    def stepped(self, applied: bool) -> None:
+        """Called after each push (DQN refreshes its target network here)."""
+
+    def close(self) -> None:
+        """Release what ``start`` built (environments, views of segments)."""
 
 
 def place(cores: tuple[int, ...] | None, nice: int) -> list[str]:
@@ -106,16 +165,14 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def worker_main(
-    spec: ModelSpec,
     plan: WorkerPlan,
-    store: ParamStore,
-    data: Segment,
-    policy: Policy,
+    store: Store,
+    task: Task,
+    config: RunConfig,
     start: Any,
-    config: TrainConfig,
     stale_first: StaleFirst | None = None,
 ) -> None:
-    """Entry point of a worker process (spawned; ``store`` and ``data`` arrive attached).
+    """Entry point of a worker process (spawned; ``store`` arrives attached).
 
     Everything here is small: the arguments travel in a start-up pipe that the
     server fills inside ``Process.start()``, and a large model is passed as a
@@ -127,95 +184,105 @@ def worker_main(
     die_with_parent(plan.parent_pid)
     for w in place(plan.cores, config.nice):
         print(f"paramserver worker {plan.rank}: warning: {w}", flush=True)
-    set_threads_and_seed(spec.backend, plan.threads, config.seed + plan.rank)
-    row = store.counters[plan.rank]
-    row[COUNTER["pid"]] = os.getpid()
+    backend_class(task.backend).configure(plan.threads, config.seed + plan.rank)
+    row = store.counters.row(plan.rank)
+    row.pid = os.getpid()
     try:
-        _train(plan, store, data, policy, spec, start, config, stale_first)
-        row[COUNTER["status"]] = STATUS["done"]
+        step = prepare(plan, store, task, config, start, stale_first)
+        while step():
+            pass
+        del step
+        row.status = STATUS["done"]
     except BaseException:
-        row[COUNTER["status"]] = STATUS["failed"]
+        row.status = STATUS["failed"]
         raise
     finally:
-        row[COUNTER["finished"]] = time.time()
+        row.finished = time.time()
         del row
-        policy.unbind()
+        task.close()
+        store.unbind()
         if stale_first is not None:
             stale_first.bind(None)
         # After an exception its traceback can still hold views of the segments;
         # the mapping then goes away when this process exits a moment later.
         with contextlib.suppress(BufferError):
             store.close()
-            data.close()
 
 
-def _train(
+def prepare(
     plan: WorkerPlan,
-    store: ParamStore,
-    data: Segment,
-    policy: Policy,
-    spec: ModelSpec,
-    start: Any,
-    config: TrainConfig,
-    stale_first: StaleFirst | None,
-) -> None:
-    layout = store.model_layout
+    store: Store,
+    task: Task,
+    config: RunConfig,
+    start: Any = None,
+    stale_first: StaleFirst | None = None,
+    probe: Callable[[str], None] | None = None,
+) -> Callable[[], bool]:
+    """Set the worker up (gradient buffer, update rule, task, barrier) and return its
+    step: one forward, push and count; False once the worker is to stop (the task is
+    done, a limit is reached or the server said stop). Uses nothing of ``store`` but the
+    :class:`Store` interface. The benchmarks time this very function; ``probe(phase)``,
+    if given, is called as each phase of a step ends ("forward", "backward", "check",
+    "update", "count")."""
     params = store.params
     rule = config.update_rule()
     shared_state = config.shared_state and rule.state_slots > 0
     state = store.state if shared_state else np.zeros((rule.state_slots, params.size), params.dtype)
-    assert state.shape[0] == rule.state_slots, "segment has the wrong number of state slots"
+    assert state.shape[0] == rule.state_slots, "the store has the wrong number of state slots"
     grad = np.zeros_like(params)
+    assert config.lr is not None
     update = Updater(rule, params, grad, state, config.lr)
-    backend = make_backend(spec, layout, params, grad, config=config, rank=plan.rank)
     schedule = config.lr_schedule_for(max(1, plan.total_updates))
     attenuation = config.attenuation_rule()
-
-    x, y = data["x"], data["y"]
-    lo, hi = shard(len(x), plan.rank, plan.workers)
-    orders = epoch_orders(lo, hi, config.batch_size, config.seed + plan.rank)
-    row = store.counters[plan.rank]
-    policy.bind(row)
-    if stale_first is not None:
-        stale_first.bind(store.counters[:, COUNTER["urgent"]])
-    c_steps, c_samples, c_loss, c_batch = (
-        COUNTER["steps"], COUNTER["samples"], COUNTER["loss"], COUNTER["batch"]
-    )  # fmt: skip
-    c_pulled, c_beat, c_nonfinite = COUNTER["pulled_version"], COUNTER["heartbeat"], COUNTER["nonfinite"]
-    c_stale, c_stale_sum, c_stale_max, c_lr = (
-        COUNTER["staleness"], COUNTER["staleness_sum"], COUNTER["staleness_max"], COUNTER["lr"]
-    )  # fmt: skip
+    counters = store.counters
+    row = counters.row(plan.rank)
     if plan.life == 0:
+        row.epoch, row.batch = plan.first_epoch, plan.first_batch
+    task.start(Context(
+        plan.rank, plan.workers, config, store.model_layout, params, grad,
+        (int(row.epoch), int(row.batch)), int(row.samples),
+    ))  # fmt: skip
+    store.bind(plan.rank)
+    if stale_first is not None:
+        stale_first.bind(counters.column("urgent"))
+    if plan.life == 0 and start is not None:
         try:
             start.wait(START_TIMEOUT)  # the others are still importing: begin together
         except threading.BrokenBarrierError:
             pass  # one failed to start; the server sees it and stops the run
-        row[c_batch] = plan.first_batch
-        row[COUNTER["epoch"]] = plan.first_epoch
     now = time.time()
-    row[c_beat] = now
-    if not row[COUNTER["started"]]:
-        row[COUNTER["started"]] = now
-    row[COUNTER["status"]] = STATUS["running"]
-    # A restarted worker continues its row: its steps, its place in the data.
-    local_steps = int(row[c_steps])
-    smoothed = float(row[c_loss]) if local_steps else None
-    first_epoch, skip = int(row[COUNTER["epoch"]]), int(row[c_batch])
-    loss = 0.0
-    finite = True
+    row.heartbeat = now
+    if not row.started:
+        row.started = now
+    row.status = STATUS["running"]
+    # A restarted worker continues its row: its steps, its samples, its place in the data.
+    local_steps = int(row.steps)
+    samples = int(row.samples)
+    smoothed = float(row.loss) if local_steps else None
+    smoothing = task.loss_smoothing
+    loss: Any = 0.0
+    gradient = Gradient()
     version = 0
     applied = False
 
-    def backward() -> None:
-        nonlocal finite
-        backend.backward()
+    def backward() -> Gradient:
+        nonlocal gradient
+        gradient = task.backward()
+        if probe is not None:
+            probe("backward")
         # One cheap pass: the sum of the gradient is finite iff every element is
-        # (barring overflow of the sum itself). A bad step must never reach the segment.
-        finite = bool(np.isfinite(loss)) and bool(np.isfinite(grad.sum()))
+        # (barring overflow of the sum itself). A bad step must never reach the store.
+        dense = gradient.dense
+        gradient.finite = (
+            gradient.finite and bool(np.isfinite(loss)) and (dense is None or bool(np.isfinite(dense.sum())))
+        )
+        if probe is not None:
+            probe("check")
+        return gradient
 
     def settle() -> None:
         """Staleness, attenuation and learning rate of this update, just before it lands."""
-        now_version = int(base_version + steps_column.sum())
+        now_version = counters.version()
         staleness = now_version - version
         grad_factor, lr_factor = attenuation.factors(staleness)
         if grad_factor != 1.0:
@@ -223,62 +290,132 @@ def _train(
         update.lr = schedule(now_version) * lr_factor
         # Adam's bias correction counts the updates made to the state it uses.
         update.t = now_version + 1 if shared_state else local_steps + 1
-        row[c_stale] = staleness
-        row[c_stale_sum] += staleness
-        if staleness > row[c_stale_max]:
-            row[c_stale_max] = staleness
-        row[c_lr] = update.lr
+        row.staleness = staleness
+        row.staleness_sum += staleness
+        if staleness > row.staleness_max:
+            row.staleness_max = staleness
+        row.lr = update.lr
 
-    def apply(a: int, b: int) -> None:
+    def apply(g: Gradient, a: int, b: int) -> None:
         nonlocal applied
-        if not finite:
+        if not g.finite:
             return
         if not applied:  # striped calls apply once per stripe: settle on the first
             applied = True
             settle()
         update(a, b)
 
-    # Views taken once: the step below reads them without building new arrays.
-    steps_column = store.counters[:, c_steps]
-    control = store.control
-    c_stop = CONTROL["stop"]
-    base_version = int(control[CONTROL["base_version"]])
-    for _ in range(first_epoch):
-        next(orders)  # the same order a first life would have drawn
-    for epoch in range(first_epoch, config.epochs):
-        order = next(orders)
-        for i in range(skip, len(order)):
-            if control[c_stop] or os.getppid() != plan.parent_pid:
-                return
-            first = order[i]
-            xb = x[first : min(first + config.batch_size, hi)]
-            yb = y[first : min(first + config.batch_size, hi)]
-            version = int(base_version + steps_column.sum())  # the global version, as store.version()
-            row[c_pulled] = version
-            loss = backend.forward(xb, yb)
+    stop = store.stop_word()
+    parent = plan.parent_pid
+
+    def step() -> bool:
+        nonlocal version, loss, applied, local_steps, samples, smoothed
+        if stop[0] or os.getppid() != parent:
+            return False
+        version = counters.version()
+        row.pulled_version = version
+        loss = task.forward()
+        if probe is not None:
+            probe("forward")
+        if loss is FINISHED:
+            return False
+        samples += task.samples_taken
+        row.samples = samples
+        if loss is not None:
             urgent = False
             if stale_first is not None:
-                # Before the policy's locks: waiting inside po1's lock would block the
+                # Before the store's locks: waiting inside po1's lock would block the
                 # very worker that is meant to go first.
-                urgent = stale_first.before(plan.rank, int(base_version + steps_column.sum()) - version)
+                urgent = stale_first.before(plan.rank, counters.version() - version)
             applied = False
             try:
-                policy.step(backward, apply, plan.rank)
+                store.push(plan.rank, backward, apply)
             finally:
                 if urgent:
                     stale_first.after(plan.rank)  # type: ignore[union-attr]
+            if probe is not None:
+                probe("update")
+            finite = gradient.finite
             if finite:
                 local_steps += 1
-                row[c_steps] = local_steps
-                smoothed = loss if smoothed is None else smoothed + LOSS_SMOOTHING * (loss - smoothed)
-                row[c_loss] = smoothed
+                row.steps = local_steps
+                smoothed = loss if smoothed is None else smoothed + smoothing * (loss - smoothed)
+                row.loss = smoothed
             else:
-                row[c_nonfinite] += 1
-            row[c_samples] += len(xb)
-            row[c_batch] = i + 1
-            row[c_beat] = time.time()
-            if plan.steps and local_steps >= plan.steps:
-                return
-        skip = 0
-        row[c_batch] = 0
-        row[COUNTER["epoch"]] = epoch + 1
+                row.nonfinite += 1
+            task.stepped(finite)
+        position = task.position()
+        if position is not None:
+            row.epoch, row.batch = position
+        row.heartbeat = time.time()
+        if probe is not None:
+            probe("count")
+        if plan.steps and local_steps >= plan.steps:
+            return False
+        return not (plan.samples and samples >= plan.samples)
+
+    return step
+
+
+# -- supervised training ----------------------------------------------------------------
+
+
+class SupervisedTask(Task):
+    """A batch of the worker's shard of the shared training data: loss, then gradient.
+
+    Each batch is a contiguous slice (a view) of the data segment; the batches of a
+    shard are visited in a new order each epoch (``seed + rank``)."""
+
+    def __init__(self, spec: ModelSpec, data: Segment, batch_size: int, epochs: int):
+        self.spec = spec
+        self.data = data
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.backend = spec.backend
+        self.model: Backend | None = None
+
+    def start(self, ctx: Context) -> None:
+        cls = backend_class(self.spec.backend)
+        self.model = cls(self.spec, ctx.layout, ctx.params, ctx.grad, config=ctx.config, rank=ctx.rank)
+        self.grad = ctx.grad
+        self.x, self.y = self.data["x"], self.data["y"]
+        lo, self.hi = shard(len(self.x), ctx.rank, ctx.workers)
+        self._batches = self._walk(lo, ctx.config.seed + ctx.rank, *ctx.position)
+        self._position = ctx.position
+
+    def _walk(self, lo: int, seed: int, first_epoch: int, skip: int) -> Any:
+        """(epoch, index, first sample) of every batch from the given position on."""
+        orders = epoch_orders(lo, self.hi, self.batch_size, seed)
+        for _ in range(first_epoch):
+            next(orders)  # the same order a first life would have drawn
+        for epoch in range(first_epoch, self.epochs):
+            order = next(orders)
+            for i in range(skip, len(order)):
+                yield epoch, i, len(order), order[i]
+            skip = 0
+
+    def forward(self) -> Any:
+        assert self.model is not None
+        item = next(self._batches, None)
+        if item is None:
+            return FINISHED
+        epoch, i, n, first = item
+        end = min(first + self.batch_size, self.hi)
+        self._position = (epoch, i + 1) if i + 1 < n else (epoch + 1, 0)
+        self.samples_taken = end - first
+        return self.model.forward(self.x[first:end], self.y[first:end])
+
+    def backward(self) -> Gradient:
+        assert self.model is not None
+        self.model.backward()
+        return Gradient(self.grad)
+
+    def position(self) -> tuple[int, int]:
+        return self._position
+
+    def close(self) -> None:
+        self.model = None
+        self.x = self.y = self.grad = None  # type: ignore[assignment]
+        self._batches = None
+        with contextlib.suppress(BufferError):
+            self.data.close()

@@ -29,7 +29,7 @@ import torch
 
 from paramserver import checkpoint
 from paramserver.layout import Layout
-from paramserver.store import COUNTER, COUNTER_FIELDS
+from paramserver.store import COUNTER_FIELDS, Counters
 
 LAYOUT = Layout.from_arrays({"w": np.zeros((3, 5), np.float32), "b": np.zeros(7, np.float32)})
 N = LAYOUT.flat_size
@@ -64,8 +64,8 @@ def good_arrays() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     params = LAYOUT.flatten({"w": rng.normal(size=(3, 5)), "b": rng.normal(size=7)})
     counters = np.zeros((2, WIDTH))
-    counters[:, COUNTER["steps"]] = [5, 7]
-    counters[:, COUNTER["epoch"]] = 1
+    Counters(counters).column("steps")[:] = [5, 7]
+    Counters(counters).column("epoch")[:] = 1
     return {"params": params, "state": np.zeros((2, N), np.float32), "counters": counters}
 
 
@@ -96,7 +96,7 @@ def write_npz(path: Any, meta: Any = None, **arrays: Any) -> str:
 
 def counters_with(field: str, value: float) -> np.ndarray:
     c = good_arrays()["counters"]
-    c[1, COUNTER[field]] = value
+    Counters(c).column(field)[1] = value
     return c
 
 

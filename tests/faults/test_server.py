@@ -91,7 +91,7 @@ def test_sigterm_and_sigint_stop_cleanly_and_write_a_checkpoint(tmp_path, sig, r
     run = only_run_dir(out)
     doc = json.loads((run / "results.json").read_text())
     assert doc["result"]["stop_reason"] == reason
-    ckpt = load_checkpoint(str(run / "checkpoint.npz"))
+    ckpt = load_checkpoint(str(run))
     assert ckpt.version == doc["result"]["version"] > 0
     _, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive
