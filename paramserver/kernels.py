@@ -208,12 +208,18 @@ def sparse_adam_rows(table, m, v, rows, values, one_minus_b1, one_minus_b2, eps,
 def coalesce(indices, values):  # type: ignore[no-untyped-def]
     """``(rows, sums)``: the sorted unique ``indices`` and, for each, the sum of its rows of
     ``values`` (``values`` is (len(indices), dim)), summed in the order they came."""
-    order = np.argsort(indices, kind="mergesort")  # stable: duplicates add up in input order
+    # Quicksort, then each run of equal indices back in input order: the same sums as a
+    # stable sort, in half the time of numba's mergesort at a few hundred ids.
+    order = np.argsort(indices)
     n, dim = values.shape
     unique = 0
-    for k in range(n):
-        if k == 0 or indices[order[k]] != indices[order[k - 1]]:
+    start = 0
+    for k in range(1, n + 1):
+        if k == n or indices[order[k]] != indices[order[start]]:
+            if k - start > 1:
+                order[start:k] = np.sort(order[start:k])
             unique += 1
+            start = k
     rows = np.empty(unique, np.int64)
     sums = np.zeros((unique, dim), values.dtype)
     u = -1

@@ -78,10 +78,10 @@ def values_finite(values: np.ndarray) -> bool:
 
 def _check_rows_code(code: int) -> None:
     """Turns a row kernel's error code into the caller's error."""
-    from .kernels import ROWS_OK, ROWS_OUT_OF_RANGE
-
-    if code == ROWS_OK:
+    if code == 0:  # kernels.ROWS_OK, without an import per step
         return
+    from .kernels import ROWS_OUT_OF_RANGE
+
     if code == ROWS_OUT_OF_RANGE:
         raise ValueError("rows must lie in [0, rows of the table)")
     raise ValueError("rows must be sorted and unique; coalesce(indices, values) first")
