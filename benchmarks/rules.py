@@ -24,6 +24,7 @@ Reported as rows per second.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,22 +57,25 @@ MIN_REPEAT_SECONDS = 0.02
 
 
 def _calls_per_repeat(fn: Callable[[], Any]) -> int:
+    fn()  # the warm-up: loads or compiles a kernel, touches every page
     t = time.perf_counter()
-    fn()  # also the warm-up: compiles, and touches every page
+    fn()
     return max(1, math.ceil(MIN_REPEAT_SECONDS / max(time.perf_counter() - t, 1e-7)))
 
 
 def interleaved_best(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """Best seconds per call of each of ``fns`` over ``repeats`` rounds, each round running
-    every one of them in turn, so that they all see the same machine and neighbours."""
+    """Best seconds of one call of each of ``fns`` over ``repeats`` rounds, each round running
+    every one of them in turn, so that they all see the same machine and neighbours. Calls
+    are timed one by one: on cores shared with other jobs, a call that a time slice did not
+    cut short is the figure that compares implementations (a 1e6 update lasts 0.1-1 ms)."""
     counts = [_calls_per_repeat(f) for f in fns]
     best = [math.inf] * len(fns)
     for _ in range(repeats):
         for i, (f, count) in enumerate(zip(fns, counts, strict=True)):
-            t = time.perf_counter()
             for _ in range(count):
+                t = time.perf_counter()
                 f()
-            best[i] = min(best[i], (time.perf_counter() - t) / count)
+                best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
@@ -209,19 +213,27 @@ def _rows(report: Report, repeats: int, rng: np.random.Generator) -> list[list[A
 
 
 def run(cfg: BenchConfig, report: Report) -> None:
+    import numba
     import torch
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(cfg.seed)
     repeats = 3 if cfg.quick else max(cfg.repeats, 7)
     torch.set_num_threads(1)  # one thread per worker, as the workers run
+    load_before = os.getloadavg()[0]
     with threadpool_limits(1):
         dense = _dense(report, SIZES, repeats, rng)
         rows = _rows(report, repeats, rng)
     report.note(
         SUITE,
-        f"dense: one thread, float32, best of {repeats} interleaved rounds; 'of copy' = the rule's "
-        "minimal traffic per second over np.copyto's on the same n, measured in the same loop; "
+        f"numba {numba.__version__}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        f"on {len(os.sched_getaffinity(0))} cores (above the core count, other jobs shared the machine)",
+    )
+    report.note(
+        SUITE,
+        f"dense: one thread, float32, the best single call over {repeats} interleaved rounds; "
+        "'of copy' = the rule's minimal traffic per second over np.copyto's on the same n, measured "
+        "in the same loop; "
         f"target {TARGET} for the compiled kernel",
     )
     report.table(

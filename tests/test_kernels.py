@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import paramserver.optim as optim
+from paramserver.benchmarks import rules as rules_bench
 from paramserver.optim import UpdateRule, coalesce, make_rule, values_finite
 
 ROWS, DIM = 50, 4
@@ -266,3 +267,29 @@ def test_a_fresh_process_loads_the_kernels_from_disk():
     assert all(s["misses"] == 0 for s in used.values()), stats
     assert all(s["hits"] >= 1 for s in used.values()), stats
     assert all(s["index"] for s in used.values()), stats
+
+
+# -- the rules benchmark compares like with like -------------------------------------------
+
+
+@pytest.mark.parametrize("label", list(rules_bench.DENSE))
+def test_bench_torch_fused_contender_computes_the_same_rule(label):
+    """The rules suite's PyTorch contender must do the work our kernel does, or its ratio
+    compares different things."""
+    spec = rules_bench.DENSE[label]
+    rule = make_rule(**spec)
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(256).astype(np.float32)
+    g = rng.standard_normal(256).astype(np.float32)
+    ours, theirs = p0.copy(), p0.copy()
+    state0 = np.full((rule.state_slots, 256), 0.01, np.float32)
+    state_o, state_t = state0.copy(), state0.copy()
+    step = rules_bench.torch_fused_step(spec, theirs, g, state_t)
+    if step is None:
+        assert spec["name"] == "rmsprop"  # torch has no fused RMSprop
+        return
+    for _ in range(3):
+        rule.apply(ours, g, state_o, rules_bench.STEP, rules_bench.LR, None)
+        step()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(state_t, state_o, rtol=1e-5, atol=1e-7)
