@@ -128,6 +128,23 @@ class UpdateRule(ABC):
         """Whether :meth:`apply` runs one compiled pass (then blocking gains nothing)."""
         return _kernels() is not None
 
+    @property
+    def supports_rows(self) -> bool:
+        """Whether :meth:`apply_rows` is defined for these settings (torch's sparse rules)."""
+        return False
+
+    def warm_up(self, dtype: type[np.floating] = np.float32) -> None:
+        """Compiles this rule's kernels for ``dtype`` now, or loads them from the disk cache.
+        A server calls it before it starts workers, so that a cold cache is filled by one
+        process instead of by N workers compiling the same code at once."""
+        p = np.zeros(8, dtype)
+        scratch = np.zeros((self.scratch_slots, 8), dtype)
+        self.apply(p, np.zeros_like(p), np.zeros((self.state_slots, 8), dtype), 1, 0.0, scratch)
+        if self.supports_rows and _kernels() is not None:
+            rows, values = coalesce(np.array([1, 1]), np.zeros((2, 4), dtype))
+            self.apply_rows(p.reshape(2, 4), np.zeros((self.state_slots, 2, 4), dtype), rows, values, 1, 0.0)
+            values_finite(values)
+
     def apply_rows(
         self,
         table: np.ndarray,
@@ -222,8 +239,12 @@ class SGD(UpdateRule):
         step = np.multiply(d, lr, out=scratch[1])
         p -= step
 
+    @property
+    def supports_rows(self) -> bool:
+        return not (self.momentum or self.weight_decay)
+
     def apply_rows(self, table, state, rows, values, t, lr):  # type: ignore[no-untyped-def]
-        if self.momentum or self.weight_decay:
+        if not self.supports_rows:
             # torch refuses weight decay on sparse gradients; momentum it keeps as a sparse
             # buffer that grows to every row ever touched and decays all of them each step,
             # which is a dense update in disguise.
@@ -300,6 +321,10 @@ class Adam(UpdateRule):
         np.divide(m, denom, out=denom)
         denom *= lr / bc1
         p -= denom
+
+    @property
+    def supports_rows(self) -> bool:
+        return not self.weight_decay
 
     def apply_rows(self, table, state, rows, values, t, lr):  # type: ignore[no-untyped-def]
         """Lazy Adam, as ``torch.optim.SparseAdam``: only the touched rows' moments move, and
@@ -390,6 +415,10 @@ class Adagrad(UpdateRule):
         np.divide(g, denom, out=denom)
         denom *= lr
         p -= denom
+
+    @property
+    def supports_rows(self) -> bool:
+        return not self.weight_decay
 
     def apply_rows(self, table, state, rows, values, t, lr):  # type: ignore[no-untyped-def]
         if self.weight_decay:

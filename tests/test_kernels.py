@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -162,6 +164,28 @@ def test_row_updates_torch_refuses_name_the_fix(make, message):
         rule.apply_rows(table, state, np.array([1]), np.ones((1, DIM), np.float32), 1, 0.1)
 
 
+@pytest.mark.parametrize(
+    ("kw", "rows"),
+    [({"name": "sgd"}, True), ({"name": "sgd", "momentum": 0.9}, False),
+     ({"name": "sgd", "weight_decay": 0.1}, False), ({"name": "adagrad"}, True),
+     ({"name": "adagrad", "weight_decay": 0.1}, False), ({"name": "adam"}, True),
+     ({"name": "adamw", "weight_decay": 0.1}, False), ({"name": "rmsprop"}, False)],
+)  # fmt: skip
+def test_supports_rows_says_whether_apply_rows_works(kw, rows):
+    rule = make_rule(**kw)
+    assert rule.supports_rows is rows
+    rule.warm_up()  # compiles what this rule runs, row kernels only where it has them
+    table = np.zeros((ROWS, DIM), np.float32)
+    state = np.zeros((rule.state_slots, ROWS, DIM), np.float32)
+    call = lambda: rule.apply_rows(table, state, np.array([1]), np.ones((1, DIM), np.float32), 1, 0.1)  # noqa: E731
+    if rows:
+        call()
+        assert table[1].any() and not table[0].any()
+    else:
+        with pytest.raises(ValueError, match="row updates take no|no update for sparse gradients"):
+            call()
+
+
 def test_torch_refuses_weight_decay_on_sparse_gradients():
     """The reason adagrad and sgd row updates refuse weight decay (checked with torch 2.13)."""
     emb = torch.nn.Embedding(ROWS, DIM, sparse=True)
@@ -250,8 +274,8 @@ print(json.dumps(stats))
 """
 
 
-def _probe() -> dict[str, dict[str, object]]:
-    out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, timeout=300)
+def _probe(script: str = _CACHE_PROBE, env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -293,3 +317,31 @@ def test_bench_torch_fused_contender_computes_the_same_rule(label):
         step()
     np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(state_t, state_o, rtol=1e-5, atol=1e-7)
+
+
+_WARM_UP_PROBE = (
+    _CACHE_PROBE[: _CACHE_PROBE.index("p, g = ")]
+    + """
+make_rule("sgd").warm_up()
+stats = {
+    name: {"hits": sum(f.stats.cache_hits.values()), "misses": sum(f.stats.cache_misses.values())}
+    for name, f in vars(kernels).items()
+    if isinstance(f, CPUDispatcher) and f.signatures and name != "check_rows"  # inlined, never called
+}
+print(json.dumps(stats))
+"""
+)
+
+
+@pytest.mark.slow  # compiles four kernels from nothing: 5-20 s on 2 cores
+def test_warm_up_fills_a_cold_cache_that_the_next_process_loads(tmp_path):
+    """A server warms up with an empty cache (NUMBA_CACHE_DIR, which numba prefers to the
+    folder next to the source): it compiles and writes; a worker started after it compiles
+    nothing."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    first = _probe(_WARM_UP_PROBE, env)
+    assert set(first) == {"sgd", "sgd_rows", "coalesce", "all_finite"}, first
+    assert all(s["misses"] >= 1 and s["hits"] == 0 for s in first.values()), first
+    assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*")), "no cache index written"
+    second = _probe(_WARM_UP_PROBE, env)
+    assert all(s["misses"] == 0 and s["hits"] >= 1 for s in second.values()), second
