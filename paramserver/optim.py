@@ -76,15 +76,25 @@ def values_finite(values: np.ndarray) -> bool:
     return bool(k.all_finite(values))
 
 
+_ROWS_OUT_OF_RANGE = "rows must lie in [0, rows of the table)"
+_ROWS_UNSORTED = "rows must be sorted and unique; coalesce(indices, values) first"
+
+
 def _check_rows_code(code: int) -> None:
     """Turns a row kernel's error code into the caller's error."""
     if code == 0:  # kernels.ROWS_OK, without an import per step
         return
     from .kernels import ROWS_OUT_OF_RANGE
 
-    if code == ROWS_OUT_OF_RANGE:
-        raise ValueError("rows must lie in [0, rows of the table)")
-    raise ValueError("rows must be sorted and unique; coalesce(indices, values) first")
+    raise ValueError(_ROWS_OUT_OF_RANGE if code == ROWS_OUT_OF_RANGE else _ROWS_UNSORTED)
+
+
+def _check_rows_numpy(rows: np.ndarray, n_rows: int) -> None:
+    """The row kernels' checks, for the NumPy fallback (the same order, the same errors)."""
+    if rows.size and (rows[0] < 0 or rows[-1] >= n_rows):
+        raise ValueError(_ROWS_OUT_OF_RANGE)
+    if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
+        raise ValueError(_ROWS_UNSORTED)
 
 
 class UpdateRule(ABC):
@@ -181,9 +191,10 @@ class UpdateRule(ABC):
                 f"values must be {table.dtype} of shape {(rows.size, table.shape[1])}, "
                 f"got {values.dtype} {values.shape}"
             )
+        rows, values = np.ascontiguousarray(rows), np.ascontiguousarray(values)
         if _kernels() is None:
-            raise RuntimeError("row updates need numba (pip install numba)")
-        return np.ascontiguousarray(rows), np.ascontiguousarray(values)
+            _check_rows_numpy(rows, table.shape[0])
+        return rows, values
 
 
 @dataclass
@@ -254,7 +265,9 @@ class SGD(UpdateRule):
             )
         rows, values = self._rows_args(table, state, rows, values)
         k = _kernels()
-        assert k is not None
+        if k is None:  # fancy indexing: a gather and a scatter, fine as rows are unique
+            table[rows] -= values * table.dtype.type(lr)
+            return
         _check_rows_code(k.sgd_rows(table, rows, values, *k.scalars(table.dtype, lr)))
 
 
@@ -336,8 +349,18 @@ class Adam(UpdateRule):
             )
         rows, values = self._rows_args(table, state, rows, values)
         k = _kernels()
-        assert k is not None
         step_size = lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
+        if k is None:
+            kind = table.dtype.type
+            m, v = state[0], state[1]
+            v_old = v[rows]
+            v_new = v_old + (values * values - v_old) * kind(1.0 - self.beta2)
+            v[rows] = v_new  # v before m, as in the kernel
+            m_old = m[rows]
+            m_new = m_old + (values - m_old) * kind(1.0 - self.beta1)
+            m[rows] = m_new
+            table[rows] += -kind(step_size) * (m_new / (np.sqrt(v_new) + kind(self.eps)))
+            return
         code = k.sparse_adam_rows(
             table, state[0], state[1], rows, values,
             *k.scalars(table.dtype, 1.0 - self.beta1, 1.0 - self.beta2, self.eps, step_size),
@@ -428,7 +451,13 @@ class Adagrad(UpdateRule):
             )
         rows, values = self._rows_args(table, state, rows, values)
         k = _kernels()
-        assert k is not None
+        if k is None:
+            kind = table.dtype.type
+            s = state[0]
+            s_new = s[rows] + values * values
+            s[rows] = s_new
+            table[rows] -= (values / (np.sqrt(s_new) + kind(self.eps))) * kind(lr)
+            return
         _check_rows_code(k.adagrad_rows(table, state[0], rows, values, *k.scalars(table.dtype, self.eps, lr)))
 
 

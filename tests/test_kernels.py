@@ -43,8 +43,16 @@ ROW_CASES: list[tuple[str, Callable[[], UpdateRule], MakeTorch, float]] = [
 ROW_IDS = [c[0] for c in ROW_CASES]
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def kernels_or_numpy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the compiled kernels and again with the NumPy fallback (no numba)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(optim, "_kernels", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize(("make", "make_torch", "lr"), [c[1:] for c in ROW_CASES], ids=ROW_IDS)
-def test_row_rule_matches_torch_on_embedding_gradients(make, make_torch, lr):
+def test_row_rule_matches_torch_on_embedding_gradients(make, make_torch, lr, kernels_or_numpy):
     """``nn.Embedding(sparse=True)`` gives uncoalesced gradients; coalesced and applied row by
     row they move the table as torch's optimizer moves the embedding, and leave every row
     outside the batch (parameters and state) bit for bit as it was."""
@@ -91,6 +99,25 @@ def test_row_rule_matches_torch_on_embedding_gradients(make, make_torch, lr):
     assert len(touched_ever) < ROWS
 
 
+@pytest.mark.parametrize("make", [c[1] for c in ROW_CASES], ids=ROW_IDS)
+def test_row_kernels_equal_the_numpy_fallback_bitwise(make, monkeypatch):
+    rule = make()
+    rng = np.random.default_rng(4)
+    init = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    tables = {"compiled": init.copy(), "numpy": init.copy()}
+    states = {k: np.zeros((rule.state_slots, ROWS, DIM), np.float32) for k in tables}
+    batches = [coalesce(rng.integers(0, ROWS, BATCH), rng.standard_normal((BATCH, DIM)).astype(np.float32))
+               for _ in range(STEPS)]  # fmt: skip
+    for which in tables:
+        if which == "numpy":
+            monkeypatch.setattr(optim, "_kernels", lambda: None)
+        for t, (rows, values) in enumerate(batches, start=1):
+            rule.apply_rows(tables[which], states[which], rows, values, t, 0.05)
+    assert tables["compiled"].tobytes() == tables["numpy"].tobytes()
+    assert states["compiled"].tobytes() == states["numpy"].tobytes()
+    assert not np.array_equal(tables["compiled"], init)
+
+
 def test_row_rules_keep_float64():
     rule = make_rule("adagrad")
     table = np.ones((5, 3))
@@ -111,7 +138,7 @@ def test_row_rules_keep_float64():
     ],
 )
 @pytest.mark.parametrize("make", [c[1] for c in ROW_CASES], ids=ROW_IDS)
-def test_bad_rows_raise_and_change_nothing(make, rows, message):
+def test_bad_rows_raise_and_change_nothing(make, rows, message, kernels_or_numpy):
     rule = make()
     table = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
     state = np.ones((rule.state_slots, ROWS, DIM), np.float32)
