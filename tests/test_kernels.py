@@ -372,3 +372,30 @@ def test_warm_up_fills_a_cold_cache_that_the_next_process_loads(tmp_path):
     assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*")), "no cache index written"
     second = _probe(_WARM_UP_PROBE, env)
     assert all(s["misses"] == 0 and s["hits"] >= 1 for s in second.values()), second
+
+
+_NO_NUMBA = """
+import sys
+sys.modules["numba"] = None  # import numba now raises ImportError, as where it is not installed
+import numpy as np
+from paramserver.optim import RULES, coalesce, make_rule, values_finite
+
+p, g = np.ones(64, np.float32), np.full(64, 0.5, np.float32)
+for name in RULES:
+    rule = make_rule(name)
+    assert not rule.fused
+    rule.apply(p, g, np.zeros((rule.state_slots, 64), np.float32), 1, 0.1,
+               np.zeros((rule.scratch_slots, 64), np.float32))
+    if rule.supports_rows:
+        rows, vals = coalesce(np.array([5, 1, 5]), np.ones((3, 4), np.float32))
+        rule.apply_rows(np.ones((8, 4), np.float32), np.zeros((rule.state_slots, 8, 4), np.float32),
+                        rows, vals, 1, 0.1)
+assert values_finite(p) and not values_finite(np.array([np.nan], np.float32))
+assert "paramserver.kernels" not in sys.modules
+print("ok")
+"""
+
+
+def test_everything_runs_without_numba():
+    out = subprocess.run([sys.executable, "-c", _NO_NUMBA], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
