@@ -55,14 +55,14 @@ def scalars(dtype: np.dtype, *values: float) -> tuple[np.floating, ...]:
 
 
 @njit(**_JIT)
-def sgd(p, g, lr):  # type: ignore[no-untyped-def]
+def sgd(p: np.ndarray, g: np.ndarray, lr: np.floating) -> None:
     """``p -= g * lr``."""
     for i in range(p.size):
         p[i] = p[i] - g[i] * lr
 
 
 @njit(**_JIT)
-def sgd_weight_decay(p, g, lr, weight_decay):  # type: ignore[no-untyped-def]
+def sgd_weight_decay(p: np.ndarray, g: np.ndarray, lr: np.floating, weight_decay: np.floating) -> None:
     """``p -= (p * weight_decay + g) * lr``."""
     for i in range(p.size):
         d = p[i] * weight_decay + g[i]
@@ -70,7 +70,16 @@ def sgd_weight_decay(p, g, lr, weight_decay):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def sgd_momentum(p, g, buf, lr, momentum, weight_decay, use_weight_decay, nesterov):  # type: ignore[no-untyped-def]
+def sgd_momentum(
+    p: np.ndarray,
+    g: np.ndarray,
+    buf: np.ndarray,
+    lr: np.floating,
+    momentum: np.floating,
+    weight_decay: np.floating,
+    use_weight_decay: bool,
+    nesterov: bool,
+) -> None:
     """Momentum SGD (dampening 0) as ``torch.optim.SGD``; the flags are branched on
     once per element but are loop-invariant, so LLVM hoists them (unswitching)."""
     for i in range(p.size):
@@ -84,7 +93,21 @@ def sgd_momentum(p, g, buf, lr, momentum, weight_decay, use_weight_decay, nester
 
 
 @njit(**_JIT)
-def adam(p, g, m, v, one_minus_b1, b2, one_minus_b2, sqrt_bc2, eps, lr_bc1, weight_decay, decay, mode):  # type: ignore[no-untyped-def]
+def adam(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    one_minus_b1: np.floating,
+    b2: np.floating,
+    one_minus_b2: np.floating,
+    sqrt_bc2: np.floating,
+    eps: np.floating,
+    lr_bc1: np.floating,
+    weight_decay: np.floating,
+    decay: np.floating,
+    mode: int,
+) -> None:
     """Adam / AdamW as ``torch.optim``. ``mode``: 0 no weight decay, 1 L2 (Adam:
     ``g + p * weight_decay``), 2 decoupled (AdamW: ``p *= decay``, decay = 1 - lr * wd)."""
     for i in range(p.size):
@@ -108,7 +131,17 @@ def adam(p, g, m, v, one_minus_b1, b2, one_minus_b2, sqrt_bc2, eps, lr_bc1, weig
 
 
 @njit(**_JIT)
-def rmsprop(p, g, v, alpha, one_minus_alpha, eps, lr, weight_decay, use_weight_decay):  # type: ignore[no-untyped-def]
+def rmsprop(
+    p: np.ndarray,
+    g: np.ndarray,
+    v: np.ndarray,
+    alpha: np.floating,
+    one_minus_alpha: np.floating,
+    eps: np.floating,
+    lr: np.floating,
+    weight_decay: np.floating,
+    use_weight_decay: bool,
+) -> None:
     """RMSprop (not centered, no momentum) as ``torch.optim.RMSprop``."""
     for i in range(p.size):
         gi = g[i]
@@ -120,7 +153,15 @@ def rmsprop(p, g, v, alpha, one_minus_alpha, eps, lr, weight_decay, use_weight_d
 
 
 @njit(**_JIT)
-def adagrad(p, g, s, eps, lr, weight_decay, use_weight_decay):  # type: ignore[no-untyped-def]
+def adagrad(
+    p: np.ndarray,
+    g: np.ndarray,
+    s: np.ndarray,
+    eps: np.floating,
+    lr: np.floating,
+    weight_decay: np.floating,
+    use_weight_decay: bool,
+) -> None:
     """Adagrad as ``torch.optim.Adagrad`` (lr_decay 0, initial accumulator 0)."""
     for i in range(p.size):
         gi = g[i]
@@ -135,7 +176,7 @@ def adagrad(p, g, s, eps, lr, weight_decay, use_weight_decay):  # type: ignore[n
 
 
 @njit(**_JIT)
-def check_rows(rows, n_rows):  # type: ignore[no-untyped-def]
+def check_rows(rows: np.ndarray, n_rows: int) -> int:
     """:data:`ROWS_OK` if ``rows`` is strictly increasing and inside ``[0, n_rows)``."""
     if rows.size == 0:
         return ROWS_OK
@@ -148,7 +189,7 @@ def check_rows(rows, n_rows):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def sgd_rows(table, rows, values, lr):  # type: ignore[no-untyped-def]
+def sgd_rows(table: np.ndarray, rows: np.ndarray, values: np.ndarray, lr: np.floating) -> int:
     """``torch.optim.SGD`` on a coalesced sparse gradient: ``table[r] -= values * lr``."""
     code = check_rows(rows, table.shape[0])
     if code != ROWS_OK:
@@ -162,7 +203,9 @@ def sgd_rows(table, rows, values, lr):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def adagrad_rows(table, s, rows, values, eps, lr):  # type: ignore[no-untyped-def]
+def adagrad_rows(
+    table: np.ndarray, s: np.ndarray, rows: np.ndarray, values: np.ndarray, eps: np.floating, lr: np.floating
+) -> int:
     """``torch.optim.Adagrad`` on a coalesced sparse gradient: the sum of squares and the
     parameters change on the touched rows only."""
     code = check_rows(rows, table.shape[0])
@@ -180,7 +223,17 @@ def adagrad_rows(table, s, rows, values, eps, lr):  # type: ignore[no-untyped-de
 
 
 @njit(**_JIT)
-def sparse_adam_rows(table, m, v, rows, values, one_minus_b1, one_minus_b2, eps, step_size):  # type: ignore[no-untyped-def]
+def sparse_adam_rows(
+    table: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    rows: np.ndarray,
+    values: np.ndarray,
+    one_minus_b1: np.floating,
+    one_minus_b2: np.floating,
+    eps: np.floating,
+    step_size: np.floating,
+) -> int:
     """``torch.optim.SparseAdam`` (lazy Adam): the moments of the touched rows move
     towards the gradient; ``step_size = lr * sqrt(bc2) / bc1`` from the table's step count
     (torch counts steps per parameter tensor, not per row), and eps is added to
@@ -205,7 +258,7 @@ def sparse_adam_rows(table, m, v, rows, values, one_minus_b1, one_minus_b2, eps,
 
 
 @njit(**_JIT)
-def coalesce(indices, values):  # type: ignore[no-untyped-def]
+def coalesce(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, sums)``: the sorted unique ``indices`` and, for each, the sum of its rows of
     ``values`` (``values`` is (len(indices), dim)), summed in the order they came."""
     # Quicksort, then each run of equal indices back in input order: the same sums as a
@@ -235,7 +288,7 @@ def coalesce(indices, values):  # type: ignore[no-untyped-def]
 
 
 @njit(**_JIT)
-def all_finite(values):  # type: ignore[no-untyped-def]
+def all_finite(values: np.ndarray) -> bool:
     """True if no element of ``values`` (any shape, C-contiguous) is inf or NaN."""
     flat = values.reshape(values.size)
     for i in range(flat.size):  # noqa: SIM110 (a loop that stops early; no generator in numba)
