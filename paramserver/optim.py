@@ -488,6 +488,9 @@ class Updater:
         self.rule, self.params, self.grad, self.state = rule, params, grad, state
         self.block = block
         self.scratch = np.zeros((rule.scratch_slots, min(block, params.size)), params.dtype)
+        # A kernel call costs microseconds of dispatch, and its one pass gains nothing from
+        # blocks, so a fused rule gets each range in one call (where the arrays let it fuse).
+        self.whole_ranges = rule.fused and _fusable(params, grad, state) is not None
         self.t = 1
         self.lr = lr
 
@@ -501,9 +504,7 @@ class Updater:
             self.t,
             self.lr,
         )
-        # A kernel call costs microseconds of dispatch, and its one pass gains nothing from
-        # blocks, so a fused rule gets the whole range at once.
-        block = max(b - a, 1) if rule.fused else self.block
+        block = max(b - a, 1) if self.whole_ranges else self.block
         for lo in range(a, b, block):
             hi = min(lo + block, b)
             rule.apply(p[lo:hi], g[lo:hi], state[:, lo:hi], t, lr, scratch[:, : hi - lo])

@@ -273,6 +273,22 @@ def test_updater_ranges_equal_one_apply(make, fused, monkeypatch):
     np.testing.assert_array_equal(state.view(np.uint32), state_e.view(np.uint32))
 
 
+def test_updater_with_a_float64_gradient_goes_block_by_block():
+    """Mixed dtypes take the NumPy passes, which need their block-long scratch rows."""
+    rule = make_rule("adam")
+    p0, grads = _problem(seed=8)
+    expected, state_e, scratch = p0.copy(), *_buffers(rule)
+    params, grad, state = p0.copy(), np.zeros(N, np.float64), np.zeros_like(state_e)
+    up = Updater(rule, params, grad, state, lr=0.01, block=64)
+    assert not up.whole_ranges
+    for t, g in enumerate(grads, start=1):
+        rule.apply_numpy(expected, g.astype(np.float64), state_e, t, 0.01, scratch)
+        grad[...] = g
+        up.t = t
+        up(0, N)
+    np.testing.assert_array_equal(params, expected)
+
+
 # -- construction ----------------------------------------------------------------------------
 
 
