@@ -39,10 +39,14 @@ def _kernels() -> ModuleType | None:
     return kernels
 
 
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+"""What numba computes in on a CPU (it has no float16 arithmetic there)."""
+
+
 def _fusable(p: np.ndarray, *arrays: np.ndarray) -> np.dtype | None:
     """The dtype the kernels compute in, or None where they must not run: mixed dtypes
-    (NumPy would promote, the kernels would not) or no numba."""
-    if _kernels() is None or p.dtype.kind != "f" or any(a.dtype != p.dtype for a in arrays):
+    (NumPy would promote, the kernels would not), float16, or no numba."""
+    if _kernels() is None or p.dtype not in _KERNEL_DTYPES or any(a.dtype != p.dtype for a in arrays):
         return None
     return p.dtype
 
@@ -71,7 +75,7 @@ def values_finite(values: np.ndarray) -> bool:
     """True if no element of ``values`` is inf or NaN (stops at the first that is)."""
     k = _kernels()
     values = np.ascontiguousarray(values)
-    if k is None or values.dtype.kind != "f":
+    if k is None or values.dtype not in _KERNEL_DTYPES:
         return bool(np.isfinite(values).all())
     return bool(k.all_finite(values))
 
@@ -186,6 +190,8 @@ class UpdateRule(ABC):
             )
         if rows.dtype != np.int64 or rows.ndim != 1:
             raise TypeError(f"rows must be 1-D int64 (ids keep their dtype), got {rows.dtype} {rows.shape}")
+        if table.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"row updates take float32 or float64 tables, got {table.dtype}")
         if values.shape != (rows.size, table.shape[1]) or values.dtype != table.dtype:
             raise ValueError(
                 f"values must be {table.dtype} of shape {(rows.size, table.shape[1])}, "

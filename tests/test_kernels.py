@@ -148,6 +148,13 @@ def test_bad_rows_raise_and_change_nothing(make, rows, message, kernels_or_numpy
     assert table.tobytes() == before_t and state.tobytes() == before_s
 
 
+def test_row_tables_must_be_float32_or_float64():
+    rule = make_rule("sgd")
+    with pytest.raises(TypeError, match="row updates take float32 or float64 tables"):
+        rule.apply_rows(np.zeros((ROWS, DIM), np.float16), np.zeros((0, ROWS, DIM), np.float16),
+                        np.array([1]), np.ones((1, DIM), np.float16), 1, 0.1)  # fmt: skip
+
+
 def test_rows_must_be_int64():
     rule = make_rule("sgd")
     table = np.zeros((ROWS, DIM), np.float32)

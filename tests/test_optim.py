@@ -273,6 +273,21 @@ def test_updater_ranges_equal_one_apply(make, fused, monkeypatch):
     np.testing.assert_array_equal(state.view(np.uint32), state_e.view(np.uint32))
 
 
+@pytest.mark.parametrize("make", [c[1] for c in CASES], ids=IDS)
+def test_float16_takes_the_numpy_passes(make):
+    """numba has no float16 arithmetic on a CPU; NumPy's passes still run there."""
+    rule = make()
+    p0, grads = _problem(seed=9)
+    a, b = p0.astype(np.float16), p0.astype(np.float16)
+    state_a = np.zeros((rule.state_slots, N), np.float16)
+    state_b, scratch = state_a.copy(), np.zeros((rule.scratch_slots, N), np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):  # eps 1e-8 is 0 in float16: 0 / 0
+        rule.apply(a, grads[0].astype(np.float16), state_a, 1, 0.01, scratch)
+        rule.apply_numpy(b, grads[0].astype(np.float16), state_b, 1, 0.01, scratch)
+    assert a.dtype == np.float16
+    np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
 def test_updater_with_a_float64_gradient_goes_block_by_block():
     """Mixed dtypes take the NumPy passes, which need their block-long scratch rows."""
     rule = make_rule("adam")
