@@ -1,26 +1,109 @@
-"""Update rules on the flat parameter vector, in place, a few vectorized passes each.
+"""Update rules on the flat parameter vector, in place: one compiled pass, or NumPy passes.
 
 A rule updates ``params[lo:hi]`` from ``grad[lo:hi]`` and its state slots over
 the same range, so a policy can hand it the whole vector or one stripe. The
 arithmetic follows ``torch.optim`` (same formulas, same defaults), so a run
 with one worker can be compared with plain PyTorch training.
 
-Nothing here allocates per step: temporaries go to scratch buffers the worker
-allocates once (``scratch`` rows, each as long as the parameter vector).
+``apply`` runs the rule's fused kernel from :mod:`paramserver.kernels` (one
+read and one write of each array) when numba is importable, else
+``apply_numpy``, a few vectorized NumPy passes; both give the same bits.
+Rules that PyTorch defines on sparse gradients also update rows of a table
+(``apply_rows``): SGD, Adagrad and lazy Adam (``torch.optim.SparseAdam``).
+
+Nothing here allocates per step: the NumPy passes' temporaries go to scratch
+buffers the worker allocates once (``scratch`` rows, each as long as the
+parameter vector, or one block of it in :class:`Updater`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from types import ModuleType
 from typing import ClassVar
 
 import numpy as np
 
 
+@functools.cache
+def _kernels() -> ModuleType | None:
+    """:mod:`paramserver.kernels`, or None without numba (the NumPy passes then run).
+    Imported on first use, so that ``import paramserver`` does not pay numba's import."""
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+"""What numba computes in on a CPU (it has no float16 arithmetic there)."""
+
+
+def _fusable(p: np.ndarray, *arrays: np.ndarray) -> np.dtype | None:
+    """The dtype the kernels compute in, or None where they must not run: mixed dtypes
+    (NumPy would promote, the kernels would not), float16, or no numba."""
+    if _kernels() is None or p.dtype not in _KERNEL_DTYPES or any(a.dtype != p.dtype for a in arrays):
+        return None
+    return p.dtype
+
+
+def coalesce(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse gradient with duplicates summed: ``(rows, sums)``, rows sorted and unique
+    (int64), ``sums`` (len(rows), dim). ``values`` is (len(indices), dim)."""
+    indices = np.ascontiguousarray(indices, np.int64)
+    values = np.ascontiguousarray(values)
+    if values.ndim != 2 or values.shape[0] != indices.size or indices.ndim != 1:
+        raise ValueError(
+            f"coalesce needs 1-D indices and (len(indices), dim) values, got {indices.shape} and "
+            f"{values.shape}"
+        )
+    k = _kernels()
+    if k is not None:
+        rows, sums = k.coalesce(indices, values)
+        return rows, sums
+    rows, inverse = np.unique(indices, return_inverse=True)
+    sums = np.zeros((rows.size, values.shape[1]), values.dtype)
+    np.add.at(sums, inverse, values)
+    return rows, sums
+
+
+def values_finite(values: np.ndarray) -> bool:
+    """True if no element of ``values`` is inf or NaN (stops at the first that is)."""
+    k = _kernels()
+    values = np.ascontiguousarray(values)
+    if k is None or values.dtype not in _KERNEL_DTYPES:
+        return bool(np.isfinite(values).all())
+    return bool(k.all_finite(values))
+
+
+_ROWS_OUT_OF_RANGE = "rows must lie in [0, rows of the table)"
+_ROWS_UNSORTED = "rows must be sorted and unique; coalesce(indices, values) first"
+
+
+def _check_rows_code(code: int) -> None:
+    """Turns a row kernel's error code into the caller's error."""
+    if code == 0:  # kernels.ROWS_OK, without an import per step
+        return
+    from .kernels import ROWS_OUT_OF_RANGE
+
+    raise ValueError(_ROWS_OUT_OF_RANGE if code == ROWS_OUT_OF_RANGE else _ROWS_UNSORTED)
+
+
+def _check_rows_numpy(rows: np.ndarray, n_rows: int) -> None:
+    """The row kernels' checks, for the NumPy fallback (the same order, the same errors)."""
+    if rows.size and (rows[0] < 0 or rows[-1] >= n_rows):
+        raise ValueError(_ROWS_OUT_OF_RANGE)
+    if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
+        raise ValueError(_ROWS_UNSORTED)
+
+
 class UpdateRule(ABC):
-    """``apply(p, g, state, t, lr, scratch)``: one step on a range of the flat vector."""
+    """``apply(p, g, state, t, lr, scratch)``: one step on a range of the flat vector;
+    ``apply_rows(table, state, rows, values, t, lr)``: one step on some rows of a table."""
 
     name: ClassVar[str]
     state_slots: ClassVar[int] = 0
@@ -39,7 +122,85 @@ class UpdateRule(ABC):
         scratch: np.ndarray,
     ) -> None:
         """Update ``p`` in place. ``state`` is ``(state_slots, n)``, ``scratch``
-        ``(scratch_slots, n)``; ``t`` is the 1-based step number (bias correction)."""
+        ``(scratch_slots, n)``; ``t`` is the 1-based step number (bias correction).
+        Runs the fused kernel where it can, else :meth:`apply_numpy`."""
+
+    @abstractmethod
+    def apply_numpy(
+        self,
+        p: np.ndarray,
+        g: np.ndarray,
+        state: np.ndarray,
+        t: int,
+        lr: float,
+        scratch: np.ndarray,
+    ) -> None:
+        """:meth:`apply` as NumPy passes (the fallback without numba, and the reference)."""
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`apply` runs one compiled pass (then blocking gains nothing)."""
+        return _kernels() is not None
+
+    @property
+    def supports_rows(self) -> bool:
+        """Whether :meth:`apply_rows` is defined for these settings (torch's sparse rules)."""
+        return False
+
+    def warm_up(self, dtype: type[np.floating] = np.float32) -> None:
+        """Compiles this rule's kernels for ``dtype`` now, or loads them from the disk cache.
+        A server calls it before it starts workers, so that a cold cache is filled by one
+        process instead of by N workers compiling the same code at once."""
+        p = np.zeros(8, dtype)
+        scratch = np.zeros((self.scratch_slots, 8), dtype)
+        self.apply(p, np.zeros_like(p), np.zeros((self.state_slots, 8), dtype), 1, 0.0, scratch)
+        if self.supports_rows and _kernels() is not None:
+            rows, values = coalesce(np.array([1, 1]), np.zeros((2, 4), dtype))
+            self.apply_rows(p.reshape(2, 4), np.zeros((self.state_slots, 2, 4), dtype), rows, values, 1, 0.0)
+            values_finite(values)
+
+    def apply_rows(
+        self,
+        table: np.ndarray,
+        state: np.ndarray,
+        rows: np.ndarray,
+        values: np.ndarray,
+        t: int,
+        lr: float,
+    ) -> None:
+        """Update ``table[rows]`` in place from a coalesced sparse gradient, leaving every
+        other row's bytes as they were. ``table`` is (n_rows, dim), ``state``
+        ``(state_slots, n_rows, dim)``, ``rows`` int64, sorted and unique (see
+        :func:`coalesce`), ``values`` (len(rows), dim); ``t`` counts this table's steps
+        (1-based), as torch counts them per parameter tensor."""
+        raise ValueError(
+            f"{self.name} has no update for sparse gradients (torch.optim refuses it too); "
+            "use sgd without momentum or weight decay, adagrad without weight decay, or adam "
+            "(lazy, as torch.optim.SparseAdam)"
+        )
+
+    def _rows_args(
+        self, table: np.ndarray, state: np.ndarray, rows: np.ndarray, values: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Checks shapes and dtypes for the row kernels; ``rows`` and ``values`` as they need them."""
+        if table.ndim != 2 or state.shape != (self.state_slots, *table.shape):
+            raise ValueError(
+                f"apply_rows needs a (rows, dim) table and ({self.state_slots}, rows, dim) state, "
+                f"got {table.shape} and {state.shape}"
+            )
+        if rows.dtype != np.int64 or rows.ndim != 1:
+            raise TypeError(f"rows must be 1-D int64 (ids keep their dtype), got {rows.dtype} {rows.shape}")
+        if table.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"row updates take float32 or float64 tables, got {table.dtype}")
+        if values.shape != (rows.size, table.shape[1]) or values.dtype != table.dtype:
+            raise ValueError(
+                f"values must be {table.dtype} of shape {(rows.size, table.shape[1])}, "
+                f"got {values.dtype} {values.shape}"
+            )
+        rows, values = np.ascontiguousarray(rows), np.ascontiguousarray(values)
+        if _kernels() is None:
+            _check_rows_numpy(rows, table.shape[0])
+        return rows, values
 
 
 @dataclass
@@ -63,6 +224,21 @@ class SGD(UpdateRule):
         return 1 if self.momentum else 0
 
     def apply(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
+        dt = _fusable(p, g, state)
+        if dt is None:
+            self.apply_numpy(p, g, state, t, lr, scratch)
+            return
+        k = _kernels()
+        assert k is not None
+        if self.momentum:
+            lr_, mom, wd = k.scalars(dt, lr, self.momentum, self.weight_decay)
+            k.sgd_momentum(p, g, state[0], lr_, mom, wd, bool(self.weight_decay), self.nesterov)
+        elif self.weight_decay:
+            k.sgd_weight_decay(p, g, *k.scalars(dt, lr, self.weight_decay))
+        else:
+            k.sgd(p, g, *k.scalars(dt, lr))
+
+    def apply_numpy(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
         d = g
         if self.weight_decay:
             d = np.multiply(p, self.weight_decay, out=scratch[0])
@@ -79,6 +255,26 @@ class SGD(UpdateRule):
                 d = buf
         step = np.multiply(d, lr, out=scratch[1])
         p -= step
+
+    @property
+    def supports_rows(self) -> bool:
+        return not (self.momentum or self.weight_decay)
+
+    def apply_rows(self, table, state, rows, values, t, lr):  # type: ignore[no-untyped-def]
+        if not self.supports_rows:
+            # torch refuses weight decay on sparse gradients; momentum it keeps as a sparse
+            # buffer that grows to every row ever touched and decays all of them each step,
+            # which is a dense update in disguise.
+            raise ValueError(
+                "sgd row updates take no momentum and no weight decay (set both to 0), or use "
+                "adagrad or adam for sparse gradients"
+            )
+        rows, values = self._rows_args(table, state, rows, values)
+        k = _kernels()
+        if k is None:  # fancy indexing: a gather and a scatter, fine as rows are unique
+            table[rows] -= values * table.dtype.type(lr)
+            return
+        _check_rows_code(k.sgd_rows(table, rows, values, *k.scalars(table.dtype, lr)))
 
 
 @dataclass
@@ -100,6 +296,25 @@ class Adam(UpdateRule):
                 raise ValueError(f"{b} must be in [0, 1), got {getattr(self, b)}")
 
     def apply(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
+        dt = _fusable(p, g, state)
+        if dt is None:
+            self.apply_numpy(p, g, state, t, lr, scratch)
+            return
+        k = _kernels()
+        assert k is not None
+        bc1 = 1.0 - self.beta1**t
+        bc2 = 1.0 - self.beta2**t
+        mode = 0 if not self.weight_decay else 2 if self.decoupled else 1
+        k.adam(
+            p, g, state[0], state[1],
+            *k.scalars(
+                dt, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, math.sqrt(bc2), self.eps, lr / bc1,
+                self.weight_decay, 1.0 - lr * self.weight_decay,
+            ),
+            mode,
+        )  # fmt: skip
+
+    def apply_numpy(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
         m, v = state[0], state[1]
         if self.weight_decay:
             if self.decoupled:
@@ -126,6 +341,38 @@ class Adam(UpdateRule):
         denom *= lr / bc1
         p -= denom
 
+    @property
+    def supports_rows(self) -> bool:
+        return not self.weight_decay
+
+    def apply_rows(self, table, state, rows, values, t, lr):  # type: ignore[no-untyped-def]
+        """Lazy Adam, as ``torch.optim.SparseAdam``: only the touched rows' moments move, and
+        eps is added before the bias correction (``lr * sqrt(bc2) / bc1 * m / (sqrt(v) + eps)``)."""
+        if self.weight_decay:
+            raise ValueError(
+                f"{'adamw' if self.decoupled else 'adam'} row updates take no weight decay "
+                "(torch.optim.SparseAdam has none); set weight_decay to 0"
+            )
+        rows, values = self._rows_args(table, state, rows, values)
+        k = _kernels()
+        step_size = lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
+        if k is None:
+            kind = table.dtype.type
+            m, v = state[0], state[1]
+            v_old = v[rows]
+            v_new = v_old + (values * values - v_old) * kind(1.0 - self.beta2)
+            v[rows] = v_new  # v before m, as in the kernel
+            m_old = m[rows]
+            m_new = m_old + (values - m_old) * kind(1.0 - self.beta1)
+            m[rows] = m_new
+            table[rows] += -kind(step_size) * (m_new / (np.sqrt(v_new) + kind(self.eps)))
+            return
+        code = k.sparse_adam_rows(
+            table, state[0], state[1], rows, values,
+            *k.scalars(table.dtype, 1.0 - self.beta1, 1.0 - self.beta2, self.eps, step_size),
+        )  # fmt: skip
+        _check_rows_code(code)
+
 
 @dataclass
 class RMSProp(UpdateRule):
@@ -139,6 +386,18 @@ class RMSProp(UpdateRule):
     scratch_slots: ClassVar[int] = 2
 
     def apply(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
+        dt = _fusable(p, g, state)
+        if dt is None:
+            self.apply_numpy(p, g, state, t, lr, scratch)
+            return
+        k = _kernels()
+        assert k is not None
+        alpha, one_minus_alpha, eps, lr_, wd = k.scalars(
+            dt, self.alpha, 1.0 - self.alpha, self.eps, lr, self.weight_decay
+        )
+        k.rmsprop(p, g, state[0], alpha, one_minus_alpha, eps, lr_, wd, bool(self.weight_decay))
+
+    def apply_numpy(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
         v = state[0]
         if self.weight_decay:
             g = np.add(g, np.multiply(p, self.weight_decay, out=scratch[0]), out=scratch[0])
@@ -153,16 +412,72 @@ class RMSProp(UpdateRule):
         p -= denom
 
 
+@dataclass
+class Adagrad(UpdateRule):
+    """``torch.optim.Adagrad`` with lr_decay 0 and initial_accumulator_value 0; dense or,
+    without weight decay, on rows."""
+
+    eps: float = 1e-10
+    weight_decay: float = 0.0
+    name: ClassVar[str] = "adagrad"
+    state_slots: ClassVar[int] = 1
+    scratch_slots: ClassVar[int] = 2
+
+    def apply(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
+        dt = _fusable(p, g, state)
+        if dt is None:
+            self.apply_numpy(p, g, state, t, lr, scratch)
+            return
+        k = _kernels()
+        assert k is not None
+        eps, lr_, wd = k.scalars(dt, self.eps, lr, self.weight_decay)
+        k.adagrad(p, g, state[0], eps, lr_, wd, bool(self.weight_decay))
+
+    def apply_numpy(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
+        s = state[0]
+        if self.weight_decay:
+            g = np.add(g, np.multiply(p, self.weight_decay, out=scratch[0]), out=scratch[0])
+        sq = np.multiply(g, g, out=scratch[1])
+        s += sq
+        denom = np.sqrt(s, out=scratch[1])
+        denom += self.eps
+        np.divide(g, denom, out=denom)
+        denom *= lr
+        p -= denom
+
+    @property
+    def supports_rows(self) -> bool:
+        return not self.weight_decay
+
+    def apply_rows(self, table, state, rows, values, t, lr):  # type: ignore[no-untyped-def]
+        if self.weight_decay:
+            raise ValueError(
+                "adagrad row updates take no weight decay (torch refuses it with sparse "
+                "gradients); set weight_decay to 0"
+            )
+        rows, values = self._rows_args(table, state, rows, values)
+        k = _kernels()
+        if k is None:
+            kind = table.dtype.type
+            s = state[0]
+            s_new = s[rows] + values * values
+            s[rows] = s_new
+            table[rows] -= (values / (np.sqrt(s_new) + kind(self.eps))) * kind(lr)
+            return
+        _check_rows_code(k.adagrad_rows(table, state[0], rows, values, *k.scalars(table.dtype, self.eps, lr)))
+
+
 UPDATE_BLOCK = 16384
 """Elements a rule handles per call in :class:`Updater` (64 KiB of float32 a row)."""
 
 
 class Updater:
-    """Applies a rule to ranges of one flat vector, block by block.
+    """Applies a rule to ranges of one flat vector, in one call or block by block.
 
-    A rule makes several passes (Adam: 13); over blocks of ``block`` elements
-    they stay in cache instead of streaming whole-vector temporaries through
-    memory, and the scratch rows are one block long instead of one vector.
+    A fused rule (one compiled pass) takes the whole range in one call. The NumPy
+    passes (Adam: 13) go over blocks of ``block`` elements, so that they stay in
+    cache instead of streaming whole-vector temporaries through memory, and the
+    scratch rows are one block long instead of one vector.
     Set ``t`` (1-based step) and ``lr`` before each step.
     """
 
@@ -179,6 +494,9 @@ class Updater:
         self.rule, self.params, self.grad, self.state = rule, params, grad, state
         self.block = block
         self.scratch = np.zeros((rule.scratch_slots, min(block, params.size)), params.dtype)
+        # A kernel call costs microseconds of dispatch, and its one pass gains nothing from
+        # blocks, so a fused rule gets each range in one call (where the arrays let it fuse).
+        self.whole_ranges = rule.fused and _fusable(params, grad, state) is not None
         self.t = 1
         self.lr = lr
 
@@ -192,12 +510,13 @@ class Updater:
             self.t,
             self.lr,
         )
-        for lo in range(a, b, self.block):
-            hi = min(lo + self.block, b)
+        block = max(b - a, 1) if self.whole_ranges else self.block
+        for lo in range(a, b, block):
+            hi = min(lo + block, b)
             rule.apply(p[lo:hi], g[lo:hi], state[:, lo:hi], t, lr, scratch[:, : hi - lo])
 
 
-RULES = ("sgd", "adam", "adamw", "rmsprop")
+RULES = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 
 
 def make_rule(
@@ -207,14 +526,17 @@ def make_rule(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    eps: float | None = None,
     alpha: float = 0.99,
 ) -> UpdateRule:
-    """The update rule called ``name`` (one of :data:`RULES`)."""
+    """The update rule called ``name`` (one of :data:`RULES`). ``eps`` defaults to the
+    rule's own, as in torch.optim: 1e-8, or 1e-10 for adagrad."""
     if name == "sgd":
         return SGD(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if name in ("adam", "adamw"):
-        return Adam(betas[0], betas[1], eps, weight_decay, decoupled=name == "adamw")
+        return Adam(betas[0], betas[1], 1e-8 if eps is None else eps, weight_decay, decoupled=name == "adamw")
     if name == "rmsprop":
-        return RMSProp(alpha=alpha, eps=eps, weight_decay=weight_decay)
+        return RMSProp(alpha=alpha, eps=1e-8 if eps is None else eps, weight_decay=weight_decay)
+    if name == "adagrad":
+        return Adagrad(eps=1e-10 if eps is None else eps, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(RULES)}")
