@@ -7,9 +7,9 @@ Contenders, side by side in one run, each on the same number of cores:
 ``2x1/K``: ``paramserver.cluster.train_cluster`` with 2 simulated nodes of 1
 worker each (each node its own segment and core), downpour syncs every K local
 updates, K in 1, 10, 100. The task: the NumPy MLP (64 hidden) on digits, po3,
-SGD lr 0.05 momentum 0.9, batch 32. Per run: samples/s over a fixed training
-time; in a second run, the seconds from the first step to 97% test accuracy
-(evaluated every 0.05 s). For the cluster runs also the bytes each node sent
+SGD lr 0.05 momentum 0.9, batch 32. Per run: samples/s and test accuracy
+after a fixed training time; in a second run, the seconds from the first step
+to 97% test accuracy (evaluated every 0.05 s). For the cluster runs also the bytes each node sent
 and received per second and the measured seconds per sync.
 
 The bandwidth model: a sync moves 4P bytes up and 4P down (P float32
@@ -103,24 +103,26 @@ def run(cfg: BenchConfig, report: Report) -> None:
         return median(vals) if vals else math.nan
 
     base_sps = med("1x2", "throughput", "samples_per_s")
-    base_acc = med("1x2", "tta", "accuracy")
+    # Accuracy after the fixed training time: a run stopped at the target has its nodes'
+    # last deltas added after the check, so its final accuracy says little.
+    base_acc = med("1x2", "throughput", "accuracy")
     header = ["contender", "samples/s", "vs 1x2", "s to 97%", "accuracy", "bytes/s per node", "ms per sync"]
     table = []
     for c in contenders:
         sps = med(c, "throughput", "samples_per_s")
-        table.append([c, sps, sps / base_sps, med(c, "tta", "seconds_to_target"), med(c, "tta", "accuracy"),
-                      med(c, "throughput", "bytes_per_s_per_node"),
+        table.append([c, sps, sps / base_sps, med(c, "tta", "seconds_to_target"),
+                      med(c, "throughput", "accuracy"), med(c, "throughput", "bytes_per_s_per_node"),
                       1000 * med(c, "throughput", "seconds_per_sync")])  # fmt: skip
     report.table("cluster", header, table)
     ratio = med("2x1/10", "throughput", "samples_per_s") / base_sps
-    gap = 100 * (base_acc - med("2x1/10", "tta", "accuracy"))
+    gap = 100 * (base_acc - med("2x1/10", "throughput", "accuracy"))
     met = ratio >= GOALS["samples_ratio"] and gap <= GOALS["accuracy_points"]
     report.note(
         "cluster",
-        f"NumPy MLP on digits, po3, SGD lr 0.05 momentum 0.9, batch 32, 2 cores; throughput over "
-        f"{seconds:.0f} s of training; medians of {cfg.n_repeats} run(s). Target (2 nodes at period 10 "
-        f">= {GOALS['samples_ratio']}x the samples/s of 1x2, accuracy within {GOALS['accuracy_points']} "
-        f"point): {'met' if met else 'missed'} ({ratio:.2f}x, {gap:+.2f} points)",
+        f"NumPy MLP on digits, po3, SGD lr 0.05 momentum 0.9, batch 32, 2 cores; samples/s and test "
+        f"accuracy after {seconds:.0f} s of training; medians of {cfg.n_repeats} run(s). Target (2 nodes "
+        f"at period 10 >= {GOALS['samples_ratio']}x the samples/s of 1x2, accuracy within "
+        f"{GOALS['accuracy_points']} point): {'met' if met else 'missed'} ({ratio:.2f}x, {gap:+.2f} points)",
     )
     # The bandwidth model: wire time per sync, against which K steps of compute must last.
     here = ps.Layout.from_arrays(NumpyMLP(64, 10, hidden=64).init(np.random.default_rng(0))).num_params
