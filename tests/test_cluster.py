@@ -95,6 +95,8 @@ def run_cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
         (["--cluster", "local", "--sync-every", "0"], "sync_every must be at least 1"),
         # Port 9 (discard) on this machine: nothing listens, the connection is refused.
         (["--cluster", "127.0.0.1:9", "--connect-timeout", "3"], "cannot reach the Ray cluster"),
+        (["--cluster", "ray://127.0.0.1:9", "--connect-timeout", "3"], "cannot reach the Ray cluster"),
+        (["--cluster", "auto"], "no Ray cluster at 'auto'"),  # none is running: Ray says so at once
         ([], "pass --cluster local"),
     ],
 )
