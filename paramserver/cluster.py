@@ -5,6 +5,9 @@
     ray start --address HEAD:6379                                           # on every other machine
     python -m paramserver.cluster --cluster auto --nodes 4 --workers 8      # on any of them
 
+(Ray 2.60 starts clusters with token authentication: the driver needs the
+cluster's token, ``RAY_AUTH_TOKEN``, or every process ``RAY_AUTH_MODE=disabled``.)
+
 The hierarchy: inside each machine nothing changes. A **node agent** (a Ray
 actor, one per machine) runs the usual :class:`~paramserver.server.ParameterServer`
 with its Hogwild! workers on its share of the data. The flat parameter vector is
