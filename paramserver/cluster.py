@@ -46,6 +46,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -290,6 +291,7 @@ class _NodeAgent:
         self.base: np.ndarray | None = None
         self._synced_version = 0
         """The local update count at the last sync."""
+        self._sync_error: BaseException | None = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -350,6 +352,10 @@ class _NodeAgent:
             finally:
                 done_event.set()
                 syncer.join()
+            if self._sync_error is not None:  # e.g. a shard past its restarts
+                raise RuntimeError(
+                    f"node {plan.node} could not sync: {self._sync_error}"
+                ) from self._sync_error
             self._sync(server)  # the workers' last updates reach the shards
         # The server's closures hold it in a reference cycle: collect it now, so that its
         # locks are unlinked while the agent is whole, not at its exit (benchmark runs
@@ -370,6 +376,15 @@ class _NodeAgent:
         }
 
     def _sync_loop(self, server: ParameterServer, done: threading.Event) -> None:
+        """Sync every ``sync_every`` local updates (or ``sync_seconds``) until ``done``; a
+        sync that fails stops this node's run (the error is raised by ``run``)."""
+        try:
+            self._sync_until(server, done)
+        except BaseException as e:
+            self._sync_error = e
+            self._stop.set()
+
+    def _sync_until(self, server: ParameterServer, done: threading.Event) -> None:
         cc = self.plan.cluster
         store = server.store
         next_at = cc.sync_every
@@ -462,6 +477,21 @@ def init_local_ray(num_cpus: int) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, configure_logging=False)
 
 
+def _auto_address() -> tuple[str, int] | None:
+    """The address ``ray.init(address="auto")`` will try, so that a dead one fails fast
+    (Ray retries it for a long time): ``RAY_ADDRESS``, else the file a running head
+    writes. Ray 2.60 names that file ``<tmp>/ray/ray_current_cluster`` and has no
+    public call that returns it; a head killed with SIGKILL leaves it behind."""
+    text = os.environ.get("RAY_ADDRESS", "")
+    if not text:
+        try:
+            with open(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")) as f:
+                text = f.read().strip()
+        except OSError:
+            return None  # Ray itself says that no instance is running
+    return _address(text)
+
+
 def _connect(ray: Any, cc: ClusterConfig, config: TrainConfig) -> bool:
     """Start or join Ray; True if this call started it (and so must shut it down)."""
     if ray.is_initialized():
@@ -469,7 +499,7 @@ def _connect(ray: Any, cc: ClusterConfig, config: TrainConfig) -> bool:
     if cc.cluster == "local":
         init_local_ray(cc.nodes * config.workers)
         return True
-    address = _address(cc.cluster)
+    address = _address(cc.cluster) if cc.cluster != "auto" else _auto_address()
     if address is not None:
         try:  # Ray waits long for an address that does not answer: fail fast instead
             socket.create_connection(address, timeout=cc.connect_timeout).close()

@@ -83,9 +83,14 @@ def test_bad_cluster_config_names_the_fix(kw, match):
         ClusterConfig(**{"cluster": "local", **kw})
 
 
-def run_cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, code: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "paramserver.cluster"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT)
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT, env={**environ, **(env or {})}
+    )
 
 
 @pytest.mark.parametrize(
@@ -105,6 +110,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, match):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and match in lines[0], proc.stderr
+
+
+def test_auto_with_a_dead_address_fails_fast():
+    # What `ray.init(address="auto")` would retry for a long time: RAY_ADDRESS (or the file a
+    # head killed with SIGKILL leaves behind) naming a cluster that is gone.
+    proc = run_cli("--cluster", "auto", "--connect-timeout", "3", env={"RAY_ADDRESS": "127.0.0.1:9"})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Ray cluster at auto" in lines[0], proc.stderr
 
 
 def test_missing_ray_names_the_extra():
