@@ -1,0 +1,868 @@
+"""Beyond one machine: one shared-memory server per machine, global parameter shards on Ray.
+
+    python -m paramserver.cluster --cluster local --nodes 2 --workers 1     # simulated on this machine
+    ray start --head                                                        # on the first machine
+    ray start --address HEAD:6379                                           # on every other machine
+    python -m paramserver.cluster --cluster auto --nodes 4 --workers 8      # on any of them
+
+(Ray 2.60 starts clusters with token authentication: the driver needs the
+cluster's token, ``RAY_AUTH_TOKEN``, or every process ``RAY_AUTH_MODE=disabled``.)
+
+The hierarchy: inside each machine nothing changes. A **node agent** (a Ray
+actor, one per machine) runs the usual :class:`~paramserver.server.ParameterServer`
+with its Hogwild! workers on its share of the data. The flat parameter vector is
+split into K contiguous **shards**, each a Ray actor holding the global values of
+its slice. Every ``sync_every`` local updates (or ``sync_seconds``) a sync thread
+in the agent sends each shard its slice and writes what comes back into the
+segment while the workers keep training:
+
+- ``downpour``: the node sends ``delta = local - base`` (``base``: the global
+  values it last received); the shard adds it (``global += delta``: additive, no
+  node's work is lost) and returns the new global values;
+- ``easgd`` (elastic averaging, Zhang, Choromanska & LeCun 2015): the node sends
+  its values ``x``; with ``diff = alpha * (x - c)`` the shard moves its centre
+  ``c += diff`` and returns ``x - diff``.
+
+Either way the node writes ``returned + (current_local - sent)``, i.e. adds
+``returned - sent`` in place: updates its workers made during the round trip
+stay. A sync that changes nothing writes nothing (only coordinates whose
+correction is non-zero are stored), so one node alone trains exactly as one
+machine does. What a local worker may see: under po3 a read during the
+write-back can mix pre- and post-sync coordinates, and a worker update racing
+the write-back of the same coordinate can be lost (po3's usual contract); under
+po1, po2 and striped the write-back takes the policy's update locks, so no
+update is lost. Optimizer state (momentum, Adam moments) stays per node.
+
+Bytes per sync and node: 4P pushed and 4P pulled (P float32 parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import TrainConfig
+from .data import Dataset, shard
+from .layout import Layout
+from .server import ParameterServer, TrainResult
+from .store import sweep_stale
+from .supervise import run_span
+
+SYNC_RULES = ("downpour", "easgd")
+RAY_MISSING = "the cluster needs Ray: pip install 'paramserver[ray]'"
+POLL_SECONDS = 0.0005
+"""How often a node's sync thread reads the update count: a callback a few times
+a second is too slow for syncs every 1-10 updates."""
+DRIVER_POLL_SECONDS = 0.05
+RESEED_WAIT = 5.0
+"""Seconds a starting node waits for another node to re-seed a restarted shard."""
+STOP_TIMEOUT = 60.0
+"""Seconds the nodes get to stop and report once told to, before they are killed."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how the nodes of a multi-machine run train and sync (the TrainConfig
+    says how each node trains)."""
+
+    cluster: str = _f(
+        "",
+        "'' = one machine; 'local' = --nodes simulated here; 'auto', HOST:PORT or ray://HOST:PORT joins Ray",
+    )
+    nodes: int = _f(2, "node agents, one per machine, each with --workers workers")
+    shards: int = _f(0, "global parameter shards (Ray actors); 0 = one per node")
+    sync_every: int = _f(10, "a node syncs with the shards every this many of its updates")
+    sync_seconds: float = _f(0.0, "also sync when this many seconds passed since the last sync; 0 = off")
+    sync_rule: str = _f(
+        "downpour", "downpour: global += node delta; easgd: elastic averaging", choices=SYNC_RULES
+    )
+    elastic_alpha: float = _f(0.1, "easgd: node and centre each move alpha of their gap per sync")
+    node_restarts: int = _f(3, "Ray restarts of a node agent or shard actor that died")
+    connect_timeout: float = _f(10.0, "seconds to reach a running cluster before giving up")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(
+            self.cluster in ("", "local", "auto") or _address(self.cluster) is not None,
+            f"cluster must be '', 'local', 'auto', HOST:PORT or ray://HOST:PORT, got {self.cluster!r}",
+        )
+        need(self.nodes >= 1, f"nodes must be at least 1 (--nodes 2), got {self.nodes}")
+        need(self.shards >= 0, f"shards must be >= 0 (0 = one per node), got {self.shards}")
+        need(
+            self.sync_every >= 1,
+            f"sync_every must be at least 1 (1 = after every update), got {self.sync_every}",
+        )
+        need(self.sync_seconds >= 0, f"sync_seconds must be >= 0 (0 = off), got {self.sync_seconds}")
+        need(
+            self.sync_rule in SYNC_RULES,
+            f"unknown sync_rule {self.sync_rule!r}; choose one of {', '.join(SYNC_RULES)}",
+        )
+        need(
+            0 < self.elastic_alpha < 1, f"elastic_alpha must be in (0, 1), e.g. 0.1; got {self.elastic_alpha}"
+        )
+        need(self.node_restarts >= 0, f"node_restarts must be >= 0, got {self.node_restarts}")
+        need(self.connect_timeout > 0, f"connect_timeout must be positive, got {self.connect_timeout}")
+
+    @property
+    def shard_count(self) -> int:
+        return self.shards or self.nodes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _address(cluster: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``; None if it is neither."""
+    rest = cluster.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _model_spec(model: Any, loss: Any, seed: int, data: Dataset) -> tuple[Any, Layout, np.ndarray]:
+    # The one place that names the API's model-spec function (to become public as
+    # paramserver.api.model_spec with the same signature).
+    from .api import _model_spec as model_spec
+
+    return model_spec(model, loss, seed, data)
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(RAY_MISSING) from None
+    return ray
+
+
+@dataclass
+class ClusterResult(TrainResult):
+    """A :class:`TrainResult` of the global parameters, with per-node figures."""
+
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    """Per node: updates, samples, samples/s, syncs, bytes sent and received, seconds
+    syncing, staleness across nodes (other nodes' updates folded in between two of
+    its syncs), whether its agent was restarted."""
+    cluster: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        out = super().summary()
+        for n in self.nodes:
+            out += (
+                f"\nnode {n['node']}: {n['updates']} updates, {n['samples_per_second']:,.0f} samples/s, "
+                f"{n['syncs']} syncs ({n['sync_seconds']:.2f} s, {n['bytes_sent'] / 2**20:.1f} MiB sent, "
+                f"{n['bytes_received'] / 2**20:.1f} MiB received), cross-node staleness mean "
+                f"{n['staleness_mean']:.1f}, max {n['staleness_max']:.0f}"
+            )
+            if n["agent_restarted"]:
+                out += "; its agent was restarted"
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "nodes": self.nodes, "cluster": self.cluster}
+
+
+# -- the shard actor ---------------------------------------------------------------
+
+
+class _Shard:
+    """The global values of one contiguous slice of the flat parameter vector.
+
+    Ray restarts it after a crash with an empty slice (``values is None``): the
+    next node to sync re-seeds it from its own copy, the freshest there is.
+    """
+
+    def __init__(self, rule: str, alpha: float):
+        self.rule = rule
+        self.alpha = np.float32(alpha)
+        self.values: np.ndarray | None = None
+        self.updates = 0
+        """Updates folded in from all nodes (this life)."""
+        self.seen: dict[int, int] = {}
+        self.node_updates: dict[int, int] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def seed(self, values: np.ndarray) -> None:
+        self.values = np.array(values, dtype=values.dtype)  # ours to write: Ray's copy is read-only
+
+    def get(self) -> np.ndarray | None:
+        return self.values
+
+    def get_or_seed(self, values: np.ndarray) -> np.ndarray:
+        """The global values; ``values`` first become them if this shard is empty."""
+        if self.values is None:
+            self.seed(values)
+        return self.values
+
+    def done_updates(self, node: int) -> int:
+        return self.node_updates.get(node, 0)
+
+    def push_pull(
+        self, node: int, payload: np.ndarray, updates: int, fallback: np.ndarray | None = None
+    ) -> tuple[np.ndarray | None, int]:
+        """Fold in one node's payload; return what the node should hold now and the
+        other nodes' updates folded in since this node's previous sync.
+
+        ``fallback``: the node's values, to re-seed a restarted (empty) shard; without
+        it an empty shard returns None and the node calls again with it.
+        """
+        if self.values is None:
+            if fallback is None:
+                return None, 0
+            self.seed(fallback)
+            out = self.values
+        elif self.rule == "downpour":
+            self.values += payload
+            out = self.values
+        else:  # easgd: both move alpha of their gap towards each other
+            diff = self.alpha * (payload - self.values)
+            self.values += diff
+            out = payload - diff
+        staleness = self.updates - self.seen.get(node, 0)
+        self.updates += updates
+        self.seen[node] = self.updates
+        self.node_updates[node] = self.node_updates.get(node, 0) + updates
+        return out, staleness
+
+
+# -- the node agent ----------------------------------------------------------------
+
+
+@dataclass
+class _NodePlan:
+    """What one node agent trains: sent once, when the agent starts."""
+
+    node: int
+    spec: Any
+    layout: Layout
+    data: Any
+    """A Ray object reference to this node's Dataset (put once by the driver)."""
+    config: TrainConfig
+    cluster: ClusterConfig
+    bounds: list[tuple[int, int]]
+    init: np.ndarray
+    """The initial parameters: the last resort for a shard that lost its values."""
+    budget: int
+    """This node's updates in all (0: its epochs decide)."""
+    cores: tuple[int, ...] | None
+    """Simulated nodes: the cores this node may use; None: the whole machine."""
+
+
+class _NodeAgent:
+    """Runs one machine's shared-memory server and syncs it with the shards."""
+
+    def __init__(self, plan: _NodePlan, shards: list[Any]):
+        import ray
+
+        self.plan = plan
+        self.shards = shards
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self._stop = threading.Event()
+        self._live: dict[str, Any] = {"updates": 0}
+        self.figures = {"syncs": 0, "bytes_sent": 0, "bytes_received": 0, "sync_seconds": 0.0}
+        self.staleness: list[int] = []
+        self.base: np.ndarray | None = None
+        self._synced_version = 0
+        """The local update count at the last sync."""
+        self._sync_error: BaseException | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def live(self) -> dict[str, Any]:
+        return dict(self._live)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _pull(self) -> np.ndarray:
+        """The global values. A shard that restarted before any node could re-seed it is
+        given a few seconds for a training node to do so (its copy is fresher), then
+        seeded with the initial values."""
+        import ray
+
+        plan = self.plan
+        deadline = time.monotonic() + RESEED_WAIT
+        while True:
+            parts = ray.get([s.get.remote() for s in self.shards])
+            if all(p is not None for p in parts) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        for i, (lo, hi) in enumerate(plan.bounds):
+            if parts[i] is None:
+                parts[i] = ray.get(self.shards[i].get_or_seed.remote(plan.init[lo:hi]))
+        return np.concatenate(parts).astype(plan.layout.dtype, copy=False)
+
+    def run(self) -> TrainResult:
+        """Train this node's share until its budget is spent or the driver says stop."""
+        import ray
+
+        plan = self.plan
+        if plan.cores is not None:
+            # Set before the server starts: its workers inherit the mask, and the server
+            # pins worker r to the r-th core of it.
+            os.sched_setaffinity(0, plan.cores)
+        cfg = plan.config
+        if plan.budget:
+            # A restarted agent trains what its earlier lives did not (as far as the
+            # shards have heard of it).
+            done = ray.get(self.shards[0].done_updates.remote(plan.node))
+            cfg = dataclasses.replace(cfg, steps=max(1, plan.budget - done))
+        init = self._pull()
+        self.base = init.copy()
+        data = ray.get(plan.data)
+
+        def callback(figures: dict[str, Any]) -> bool:
+            self._live = {"updates": figures["updates"], "samples": figures["samples"]}
+            return self._stop.is_set()
+
+        with ParameterServer(plan.spec, plan.layout, init, data, cfg, callback=callback) as server:
+            done_event = threading.Event()
+            syncer = threading.Thread(target=self._sync_loop, args=(server, done_event), daemon=True)
+            syncer.start()
+            try:
+                result = server.run()
+            finally:
+                done_event.set()
+                syncer.join()
+            if self._sync_error is not None:  # e.g. a shard past its restarts
+                raise RuntimeError(
+                    f"node {plan.node} could not sync: {self._sync_error}"
+                ) from self._sync_error
+            self._sync(server)  # the workers' last updates reach the shards
+        # The server's closures hold it in a reference cycle: collect it now, so that its
+        # locks are unlinked while the agent is whole, not at its exit (benchmark runs
+        # showed the agent's resource tracker gone by then, and relaunched to unregister).
+        del server
+        gc.collect()
+        result.params = {}  # the global values live in the shards
+        result.workers = [{**row, "node": float(plan.node)} for row in result.workers]
+        return result
+
+    def report(self) -> dict[str, Any]:
+        stale = self.staleness
+        return {
+            **self.figures,
+            "staleness_mean": float(np.mean(stale)) if stale else 0.0,
+            "staleness_max": float(max(stale, default=0)),
+            "agent_restarted": self.restarted,
+        }
+
+    def _sync_loop(self, server: ParameterServer, done: threading.Event) -> None:
+        """Sync every ``sync_every`` local updates (or ``sync_seconds``) until ``done``; a
+        sync that fails stops this node's run (the error is raised by ``run``)."""
+        try:
+            self._sync_until(server, done)
+        except BaseException as e:
+            self._sync_error = e
+            self._stop.set()
+
+    def _sync_until(self, server: ParameterServer, done: threading.Event) -> None:
+        cc = self.plan.cluster
+        store = server.store
+        next_at = cc.sync_every
+        last = time.monotonic()
+        while not done.wait(POLL_SECONDS):
+            v = store.version()
+            overdue = (
+                cc.sync_seconds and v > self._synced_version and time.monotonic() - last >= cc.sync_seconds
+            )
+            if v >= next_at or overdue:
+                self._sync(server)
+                next_at = (v // cc.sync_every + 1) * cc.sync_every
+                last = time.monotonic()
+
+    def _sync(self, server: ParameterServer) -> None:
+        import ray
+
+        plan = self.plan
+        store = server.store
+        params = store.params
+        t0 = time.perf_counter()
+        version = store.version()
+        updates = version - self._synced_version
+        self._synced_version = version
+        assert self.base is not None
+        sent = params.copy()  # po3: may hold half-applied updates, as any live read does
+        payload = sent - self.base if plan.cluster.sync_rule == "downpour" else sent
+        calls = [
+            s.push_pull.remote(plan.node, payload[lo:hi], updates)
+            for s, (lo, hi) in zip(self.shards, plan.bounds, strict=True)
+        ]
+        outs = ray.get(calls)
+        for i, (values, _) in enumerate(outs):
+            if values is None:  # restarted empty: re-seed it from our copy
+                lo, hi = plan.bounds[i]
+                outs[i] = ray.get(
+                    self.shards[i].push_pull.remote(plan.node, payload[lo:hi], updates, sent[lo:hi])
+                )
+        target = np.concatenate([values for values, _ in outs])
+        self.staleness.append(int(outs[0][1]))
+        correction = target - sent
+        with _update_locks(server):
+            # Only coordinates that changed are written: a worker's update to any other
+            # coordinate cannot be overwritten, and one node alone stays exact.
+            np.add(params, correction, out=params, where=correction != 0)
+        self.base = target
+        f = self.figures
+        f["syncs"] += 1
+        f["bytes_sent"] += payload.nbytes
+        f["bytes_received"] += target.nbytes
+        f["sync_seconds"] += time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _update_locks(server: ParameterServer) -> Iterator[None]:
+    """Hold the locks the server's workers take to update (none under po3), so that a
+    write-back loses no update. Every worker holds at most one of them at a time, so
+    taking all of them in order cannot deadlock."""
+    policy = server.policy
+    locks = list(getattr(policy, "locks", [])) or [lock for lock in [getattr(policy, "lock", None)] if lock]
+    with contextlib.ExitStack() as stack:
+        for lock in locks:
+            stack.enter_context(lock)
+        yield
+
+
+# -- the driver --------------------------------------------------------------------
+
+
+def _split(data: Dataset, nodes: int) -> list[Dataset]:
+    """Each node's contiguous share of the training split (and the whole test split)."""
+    out = []
+    for i in range(nodes):
+        lo, hi = shard(len(data.x_train), i, nodes)
+        out.append(
+            Dataset(
+                data.x_train[lo:hi], data.y_train[lo:hi], data.x_test, data.y_test, data.classes, data.name
+            )
+        )
+    return out
+
+
+def init_local_ray(num_cpus: int) -> None:
+    """Start a Ray instance on this machine for simulated nodes (the caller calls
+    ``ray.shutdown()``): what ``cluster="local"`` does when Ray is not running yet."""
+    ray = _import_ray()
+    # Ray workers must import the caller's modules (a model class defined next to the
+    # script): on this machine, give them the driver's import path.
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, configure_logging=False)
+
+
+def _auto_address() -> tuple[str, int] | None:
+    """The address ``ray.init(address="auto")`` will try, so that a dead one fails fast
+    (Ray retries it for a long time): ``RAY_ADDRESS``, else the file a running head
+    writes. Ray 2.60 names that file ``<tmp>/ray/ray_current_cluster`` and has no
+    public call that returns it; a head killed with SIGKILL leaves it behind."""
+    text = os.environ.get("RAY_ADDRESS", "")
+    if not text:
+        try:
+            with open(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")) as f:
+                text = f.read().strip()
+        except OSError:
+            return None  # Ray itself says that no instance is running
+    return _address(text)
+
+
+def _connect(ray: Any, cc: ClusterConfig, config: TrainConfig) -> bool:
+    """Start or join Ray; True if this call started it (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    if cc.cluster == "local":
+        init_local_ray(cc.nodes * config.workers)
+        return True
+    address = _address(cc.cluster) if cc.cluster != "auto" else _auto_address()
+    if address is not None:
+        try:  # Ray waits long for an address that does not answer: fail fast instead
+            socket.create_connection(address, timeout=cc.connect_timeout).close()
+        except OSError as e:
+            raise ValueError(
+                f"cannot reach the Ray cluster at {cc.cluster} ({e}); start it with `ray start --head` "
+                "there, or pass --cluster local"
+            ) from None
+    try:
+        ray.init(address=cc.cluster, include_dashboard=False, configure_logging=False)
+    except ConnectionError as e:
+        raise ValueError(
+            f"no Ray cluster at {cc.cluster!r} ({e}); start one with `ray start --head`, or --cluster local"
+        ) from None
+    return True
+
+
+def train_cluster(
+    model: Any,
+    data: Any,
+    config: TrainConfig,
+    cluster: ClusterConfig,
+    *,
+    loss: Callable[..., Any] | None = None,
+    callback: Callable[[dict[str, Any]], bool | None] | None = None,
+) -> ClusterResult:
+    """Train ``model`` on ``data`` across ``cluster.nodes`` machines (or simulated ones).
+
+    Each node runs ``config.workers`` workers on its share of the data, as
+    ``paramserver.train`` would; the result holds the global parameters. Stop
+    criteria: ``steps`` (split across nodes), ``epochs`` (each node over its
+    share), ``max_seconds`` and ``target_accuracy`` (checked by this process on
+    the global values every ``eval_every`` seconds), ``callback`` (called about
+    20 times a second with ``elapsed``, ``test_accuracy`` and the Ray handles of the
+    ``agents`` and ``shards``, e.g. for their ``pid``; returning True stops every node).
+    """
+    from .api import _as_dataset
+
+    if not cluster.cluster:
+        raise ValueError("train_cluster needs a cluster: 'local', 'auto', HOST:PORT or ray://HOST:PORT")
+    ray = _import_ray()
+    dataset = _as_dataset(data, config.seed)
+    if len(dataset.x_train) < cluster.nodes * config.workers:
+        raise ValueError(
+            f"{cluster.nodes} nodes x {config.workers} workers need a training sample each; "
+            f"the data has {len(dataset.x_train)}"
+        )
+    spec, layout, init = _model_spec(model, loss, config.seed, dataset)
+    k = cluster.shard_count
+    if k > layout.flat_size:
+        raise ValueError(
+            f"{k} shards for {layout.flat_size} parameters: pass --shards {layout.flat_size} or fewer"
+        )
+    bounds = [shard(layout.flat_size, i, k) for i in range(k)]
+    started = time.time()
+    owns_ray = _connect(ray, cluster, config)
+    actors: list[Any] = []
+    group = None
+    try:
+        shard_cls = ray.remote(_Shard).options(
+            num_cpus=0, max_restarts=cluster.node_restarts, max_task_retries=-1
+        )  # fmt: skip
+        shards = [shard_cls.remote(cluster.sync_rule, cluster.elastic_alpha) for _ in range(k)]
+        actors += shards
+        ray.get([s.seed.remote(init[lo:hi]) for s, (lo, hi) in zip(shards, bounds, strict=True)])
+        agents = _start_agents(ray, spec, layout, init, dataset, config, cluster, bounds, shards)
+        group = agents.group
+        actors += agents.actors
+        result = _drive(ray, agents.actors, shards, spec, layout, dataset, config, cluster, callback, started)
+    finally:
+        for a in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a, no_restart=True)
+        if group is not None:
+            ray.util.remove_placement_group(group)
+        if owns_ray:
+            ray.shutdown()
+        # An agent that was killed leaves its segments; its pid is dead once Ray is gone.
+        sweep_stale()
+    _into_model(model, spec, layout, dataset, result)
+    if config.out_dir:
+        _write_run(result, config, cluster, dataset, spec, layout)
+    return result
+
+
+@dataclass
+class _Agents:
+    actors: list[Any]
+    group: Any
+    data: list[Any]
+    """The nodes' data in the object store: held here for the whole run, so that a
+    restarted agent can fetch it again."""
+
+
+def _start_agents(
+    ray: Any,
+    spec: Any,
+    layout: Layout,
+    init: np.ndarray,
+    dataset: Dataset,
+    config: TrainConfig,
+    cc: ClusterConfig,
+    bounds: list[tuple[int, int]],
+    shards: list[Any],
+) -> _Agents:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from .machine import usable_cores
+
+    w = config.workers
+    node_config = dataclasses.replace(
+        config, out_dir="", progress=False, max_seconds=0.0, target_accuracy=None,
+        target_train_accuracy=None, resume=None, checkpoint_every=0, checkpoint_seconds=0.0,
+    )  # fmt: skip
+    group = None
+    options: list[dict[str, Any]] = [{} for _ in range(cc.nodes)]
+    cores: list[tuple[int, ...] | None] = [None] * cc.nodes
+    if cc.cluster == "local":
+        mine = usable_cores()  # node i: cores i*w .. i*w+w-1 (wrapping round when short)
+        cores = [tuple(mine[(i * w + j) % len(mine)] for j in range(w)) for i in range(cc.nodes)]
+    else:  # one agent per machine
+        group = ray.util.placement_group([{"CPU": w}] * cc.nodes, strategy="STRICT_SPREAD")
+        try:
+            ray.get(group.ready(), timeout=cc.connect_timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            raise ValueError(
+                f"the cluster has no {cc.nodes} machines with {w} free CPUs each; start more with "
+                "`ray start --address HEAD:6379`, or lower --nodes / --workers"
+            ) from None
+        options = [
+            {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
+            for i in range(cc.nodes)
+        ]
+    agent_cls = ray.remote(_NodeAgent)
+    actors = []
+    refs = []
+    for i, part in enumerate(_split(dataset, cc.nodes)):
+        steps = 0
+        if config.steps:
+            steps = config.steps // cc.nodes + (i < config.steps % cc.nodes)
+        budget = steps or config.epochs * sum(
+            -(-(hi - lo) // config.batch_size)
+            for lo, hi in (shard(len(part.x_train), r, w) for r in range(w))
+        )
+        cfg = dataclasses.replace(node_config, steps=steps, seed=config.seed + i * w)
+        refs.append(ray.put(part))  # once: the agent reads it from the object store
+        plan = _NodePlan(i, spec, layout, refs[-1], cfg, cc, bounds, init, budget, cores[i])
+        # max_concurrency: stop(), live() and pid() are answered while run() trains.
+        # max_task_retries: run() is retried in the restarted agent, which pulls the
+        # global values and trains on.
+        actors.append(
+            agent_cls.options(
+                num_cpus=w,
+                max_restarts=cc.node_restarts,
+                max_task_retries=-1,
+                max_concurrency=4,
+                **options[i],
+            ).remote(plan, shards)
+        )
+    return _Agents(actors, group, refs)
+
+
+def _drive(
+    ray: Any,
+    agents: list[Any],
+    shards: list[Any],
+    spec: Any,
+    layout: Layout,
+    dataset: Dataset,
+    config: TrainConfig,
+    cc: ClusterConfig,
+    callback: Callable[[dict[str, Any]], bool | None] | None,
+    started: float,
+) -> ClusterResult:
+    """Wait for the nodes; stop them on a criterion, Ctrl-C or SIGTERM; gather the result."""
+    from paramserver.workers.backends import make_backend
+
+    runs = [a.run.remote() for a in agents]
+    reason: str | None = None
+    evaluations: list[dict[str, Any]] = []
+    t0: float | None = None
+    """When this process first saw a node training: budgets and evaluations count from
+    then, as on one machine (Ray's and the agents' start-up can take many seconds)."""
+    last_eval = 0.0
+    last_acc: float | None = None
+
+    def global_values() -> np.ndarray:
+        return np.concatenate(ray.get([s.get.remote() for s in shards])).astype(layout.dtype, copy=False)
+
+    def accuracy(params: np.ndarray) -> float:
+        backend = make_backend(spec, layout, params)
+        logits = backend.predict(dataset.x_test)
+        return float((logits.argmax(axis=1) == dataset.y_test).mean())
+
+    with _stop_signals() as heard:
+        pending = list(runs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=DRIVER_POLL_SECONDS)
+            if reason is not None or not pending:
+                continue
+            now = time.time()
+            if t0 is None:
+                if any(live["updates"] for live in ray.get([a.live.remote() for a in agents])):
+                    t0 = last_eval = now
+                reason = heard.get("reason")
+                if reason is not None:
+                    _stop_all(agents)
+                continue
+            if config.max_seconds and now - t0 >= config.max_seconds:
+                reason = "time"
+            if config.target_accuracy is not None and now - last_eval >= config.eval_every:
+                last_eval = now
+                last_acc = accuracy(global_values())
+                evaluations.append({"t": round(now - t0, 4), "test_accuracy": last_acc})
+                if last_acc >= config.target_accuracy:
+                    reason = "target_accuracy"
+            figures = {"elapsed": now - t0, "test_accuracy": last_acc, "agents": agents, "shards": shards}
+            if callback is not None and callback(figures):
+                reason = "callback"
+            reason = heard.get("reason", reason)
+            if reason is not None:
+                _stop_all(agents)
+        results: list[TrainResult] = ray.get(runs, timeout=STOP_TIMEOUT)
+        reports = ray.get([a.report.remote() for a in agents], timeout=STOP_TIMEOUT)
+    final = global_values()
+    rows = [row for r in results for row in r.workers]
+    t_first, t_last = run_span(rows)
+    nodes = []
+    for i, (r, rep) in enumerate(zip(results, reports, strict=True)):
+        nodes.append({"node": i, "updates": r.updates, "samples": r.samples,
+                      "samples_per_second": r.samples_per_second, "train_seconds": r.train_seconds,
+                      "worker_restarts": r.restarts, **rep})  # fmt: skip
+    active = [row["loss"] for row in rows if row["steps"] > 0]
+    return ClusterResult(
+        params={k: v.copy() for k, v in layout.unflatten(final).items()},
+        stop_reason=reason or ("steps" if config.steps else "epochs"),
+        test_accuracy=accuracy(final) if len(dataset.x_test) else None,
+        final_loss=float(np.mean(active)) if active else None,
+        updates=sum(r.updates for r in results),
+        samples=sum(r.samples for r in results),
+        train_seconds=max(0.0, t_last - t_first),
+        startup_seconds=t_first - started,
+        workers=rows,
+        evaluations=evaluations,
+        restarts=sum(r.restarts for r in results),
+        version=sum(r.version for r in results),
+        nodes=nodes,
+        cluster=cc.to_dict(),
+    )
+
+
+def _stop_all(agents: list[Any]) -> None:
+    for a in agents:
+        with contextlib.suppress(Exception):  # an agent being restarted hears it on retry
+            a.stop.remote()
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[dict[str, str]]:
+    """While the driver waits: Ctrl-C and SIGTERM stop the run (every node stops and
+    reports). The handlers only take note: an exception raised inside Ray's wait would
+    surface as a SystemError. Installed from the main thread only, where signals land."""
+    heard: dict[str, str] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield heard
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        heard.setdefault("reason", "terminated" if signum == signal.SIGTERM else "interrupted")
+
+    old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield heard
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _into_model(model: Any, spec: Any, layout: Layout, dataset: Dataset, result: TrainResult) -> None:
+    """Copy the global values into the caller's model, as ``paramserver.train`` does."""
+    result.model = model
+    if spec.backend == "torch":
+        import torch
+
+        from paramserver.workers.backends import CALIBRATION_SAMPLES, recalibrate_batch_norm
+
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in result.params:
+                    p.copy_(torch.from_numpy(result.params[name]))
+        recalibrate_batch_norm(model, dataset.x_train[:CALIBRATION_SAMPLES])
+    elif spec.backend == "tf":
+        from paramserver.workers.backends import make_backend
+
+        result.model = make_backend(spec, layout, layout.flatten(result.params)).trained_model()
+
+
+def _write_run(
+    result: ClusterResult, config: TrainConfig, cc: ClusterConfig, dataset: Dataset, spec: Any, layout: Layout
+) -> None:
+    """``results.json`` and ``params.npz`` in a new run directory, as one machine writes them."""
+    from .machine import machine_info
+
+    base = os.path.join(
+        config.out_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-cluster-n{cc.nodes}-w{config.workers}"
+    )
+    path, i = base, 1
+    while os.path.exists(path):
+        i += 1
+        path = f"{base}-{i}"
+    os.makedirs(path)
+    result.run_dir = path
+    doc = {
+        "result": result.to_dict(),
+        "config": config.to_dict(),
+        "cluster": cc.to_dict(),
+        "data": dataset.describe(),
+        "model": {"backend": spec.backend, "parameters": layout.num_params, "tensors": len(layout),
+                  "fingerprint": layout.fingerprint},
+        "machine": machine_info(),
+    }  # fmt: skip
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump(doc, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+        f.write("\n")
+    np.savez(os.path.join(path, "params.npz"), **result.params)
+
+
+# -- command line (mirrors `paramserver train --cluster ...` until the CLI has it) --------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m paramserver.cluster [train options] [cluster options]``; a bad value is
+    one line on stderr and exit code 2."""
+    from .cli import UsageError, _add_dataclass_options, _Parser
+    from .config import TrainJob
+
+    parser = _Parser(prog="python -m paramserver.cluster", description="train across machines on Ray")
+    _add_dataclass_options(parser, TrainJob)
+    _add_dataclass_options(parser, ClusterConfig)
+    try:
+        args = parser.parse_args(argv)
+        job = TrainJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainJob)})
+        cc = ClusterConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig)})
+        if not cc.cluster:
+            raise ValueError("pass --cluster local (simulated nodes), auto, HOST:PORT or ray://HOST:PORT")
+        _import_ray()
+        from . import data as data_mod
+        from .models import build_model
+
+        if job.backend == "torch":
+            import torch
+
+            torch.manual_seed(job.seed)
+        dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
+        model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden)
+        result = train_cluster(model, dataset, dataclasses.replace(job), cc)
+    except (UsageError, ValueError, TypeError) as e:
+        print(f"paramserver: {e}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

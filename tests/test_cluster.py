@@ -1,0 +1,245 @@
+"""Training across (simulated) machines on a local Ray instance: paramserver.cluster.
+
+One Ray instance serves the whole module (starting one takes seconds); every
+test stops what it started, and the module's fixture shuts Ray down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import paramserver as ps
+from paramserver.cluster import RAY_MISSING, ClusterConfig, train_cluster
+from paramserver.models.numpy_models import NumpyMLP, NumpyModel
+
+ray = pytest.importorskip("ray")
+
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance with room for three simulated nodes of one worker."""
+    from paramserver.cluster import init_local_ray
+
+    init_local_ray(num_cpus=3)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def config(**kw) -> ps.TrainConfig:
+    base = dict(workers=1, epochs=30, batch_size=32, lr=0.05, momentum=0.9, out_dir="", progress=False)
+    return ps.TrainConfig(**{**base, **kw})
+
+
+def mlp(data: ps.Dataset) -> NumpyMLP:
+    return NumpyMLP(data.input_shape[0], data.classes, hidden=32)
+
+
+class ConstantGradient(NumpyModel):
+    """Gradient 0.5 everywhere, whatever the batch: with lr 0.25 each update moves every
+    parameter by exactly -0.125 (a power of two, so float32 sums of them are exact)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def shapes(self):
+        return {"w": (self.n,)}
+
+    def init(self, rng):
+        return {"w": np.zeros(self.n, np.float32)}
+
+    def forward(self, params, x):
+        return np.zeros((len(x), 2), np.float32), None
+
+    def backward(self, params, cache, dlogits, grads):
+        grads["w"][...] = 0.5
+
+
+# -- bad input: one line, exit code 2, before anything starts --------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"nodes": 0}, "nodes must be at least 1"),
+        ({"sync_every": 0}, "sync_every must be at least 1"),
+        ({"sync_rule": "gossip"}, "unknown sync_rule"),
+        ({"elastic_alpha": 1.5}, "elastic_alpha"),
+        ({"cluster": "somewhere"}, "cluster must be"),
+        ({"shards": -1}, "shards must be >= 0"),
+    ],
+)
+def test_bad_cluster_config_names_the_fix(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ClusterConfig(**{"cluster": "local", **kw})
+
+
+def run_cli(
+    *args: str, code: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "paramserver.cluster"]
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT, env={**environ, **(env or {})}
+    )
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--cluster", "local", "--nodes", "0"], "nodes must be at least 1"),
+        (["--cluster", "local", "--sync-every", "0"], "sync_every must be at least 1"),
+        # Port 9 (discard) on this machine: nothing listens, the connection is refused.
+        (["--cluster", "127.0.0.1:9", "--connect-timeout", "3"], "cannot reach the Ray cluster"),
+        (["--cluster", "ray://127.0.0.1:9", "--connect-timeout", "3"], "cannot reach the Ray cluster"),
+        (["--cluster", "auto"], "no Ray cluster at 'auto'"),  # none is running: Ray says so at once
+        ([], "pass --cluster local"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(args, match):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], proc.stderr
+
+
+def test_auto_with_a_dead_address_fails_fast():
+    # What `ray.init(address="auto")` would retry for a long time: RAY_ADDRESS (or the file a
+    # head killed with SIGKILL leaves behind) naming a cluster that is gone.
+    proc = run_cli("--cluster", "auto", "--connect-timeout", "3", env={"RAY_ADDRESS": "127.0.0.1:9"})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Ray cluster at auto" in lines[0], proc.stderr
+
+
+def test_missing_ray_names_the_extra():
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # makes `import ray` raise ImportError
+        "from paramserver.cluster import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    proc = run_cli("--cluster", "local", code=code)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"paramserver: {RAY_MISSING}"
+
+
+# -- training ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["downpour", "easgd"])
+def test_two_nodes_learn_digits(local_ray, digits, rule):
+    cc = ClusterConfig(cluster="local", nodes=2, sync_every=10, sync_rule=rule, elastic_alpha=0.2)
+    result = train_cluster(mlp(digits), digits, config(), cc)
+    assert result.test_accuracy >= 0.95, result.summary()
+    assert [n["node"] for n in result.nodes] == [0, 1]
+    assert all(n["syncs"] >= 1 and n["bytes_sent"] > 0 for n in result.nodes)
+    assert result.updates == sum(n["updates"] for n in result.nodes)
+
+
+def test_one_node_syncing_every_update_equals_one_machine(local_ray, digits):
+    # One worker, no momentum, po3: the single-machine run is deterministic, and with one
+    # node every sync hands back the node's own values, so nothing changes.
+    cfg = config(momentum=0.0, policy="po3", steps=200, epochs=1000)
+    model = mlp(digits)
+    alone = ps.train(model, digits, cfg)
+    cc = ClusterConfig(cluster="local", nodes=1, sync_every=1)
+    spread = train_cluster(model, digits, cfg, cc)
+    assert spread.updates == alone.updates == 200
+    assert spread.nodes[0]["syncs"] > 1
+    for name, value in alone.params.items():
+        np.testing.assert_allclose(spread.params[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("sync_every", [1, 1000])
+def test_downpour_loses_no_delta(local_ray, sync_every):
+    # po1: the write-back takes the update lock, so neither a local update nor another
+    # node's delta can be lost; every one of the 3 x 40 updates must reach the global values.
+    # sync_every 1: many round trips while the workers update; 1000: only the final sync.
+    nodes, per_node = 3, 40
+    cfg = config(momentum=0.0, lr=0.25, policy="po1", steps=nodes * per_node, epochs=1000)
+    cc = ClusterConfig(cluster="local", nodes=nodes, shards=2, sync_every=sync_every)
+    rng = np.random.default_rng(0)
+    data = ps.make_dataset(rng.normal(size=(96, 4)), rng.integers(0, 2, 96), classes=2)
+    result = train_cluster(ConstantGradient(50), data, cfg, cc)
+    assert [n["updates"] for n in result.nodes] == [per_node] * nodes
+    np.testing.assert_array_equal(result.params["w"], np.full(50, -0.125 * nodes * per_node, np.float32))
+
+
+def test_results_json_has_per_node_figures(local_ray, digits, tmp_path):
+    import json
+
+    cfg = config(epochs=2, out_dir=str(tmp_path))
+    result = train_cluster(mlp(digits), digits, cfg, ClusterConfig(cluster="local", nodes=2))
+    (run_dir,) = tmp_path.iterdir()
+    assert result.run_dir == str(run_dir)
+    doc = json.loads((run_dir / "results.json").read_text())
+    assert doc["cluster"]["nodes"] == 2
+    assert {"syncs", "bytes_sent", "bytes_received", "sync_seconds", "staleness_mean"} <= set(
+        doc["result"]["nodes"][0]
+    )
+    assert (run_dir / "params.npz").exists()
+
+
+# -- faults ----------------------------------------------------------------------------
+
+
+def kill_once(role: str, after: float):
+    """A callback that SIGKILLs the first ``role`` actor (agents or shards) ``after`` s into
+    training."""
+    fired: list[int] = []
+
+    def callback(figures):
+        if not fired and figures["elapsed"] >= after:
+            pid = ray.get(figures[role][0].pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            fired.append(pid)
+        return False
+
+    return callback, fired
+
+
+@pytest.mark.slow
+def test_a_killed_node_agent_is_restarted_and_the_run_completes(local_ray, digits):
+    callback, fired = kill_once("agents", after=1.0)
+    cfg = config(epochs=100000, max_seconds=6.0)
+    cc = ClusterConfig(cluster="local", nodes=2, sync_every=10)
+    result = train_cluster(mlp(digits), digits, cfg, cc, callback=callback)
+    assert fired, "the callback never ran"
+    assert result.nodes[0]["agent_restarted"]
+    assert result.test_accuracy >= 0.90, result.summary()
+
+
+@pytest.mark.slow
+def test_a_killed_shard_is_reseeded_and_the_run_completes(local_ray, digits):
+    callback, fired = kill_once("shards", after=1.0)
+    cfg = config(epochs=100000, max_seconds=6.0)
+    cc = ClusterConfig(cluster="local", nodes=2, sync_every=10)
+    result = train_cluster(mlp(digits), digits, cfg, cc, callback=callback)
+    assert fired, "the callback never ran"
+    assert all(np.isfinite(v).all() for v in result.params.values())
+    assert result.test_accuracy >= 0.90, result.summary()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_node_and_leaves_nothing(tmp_path):
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paramserver.cluster", "--cluster", "local", "--nodes", "2", "--workers", "1",
+         "--backend", "numpy", "--epochs", "100000", "--out-dir", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(12)  # Ray's start, then some training
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    assert "stopped by terminated" in out, err
