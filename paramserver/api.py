@@ -113,6 +113,10 @@ def train(
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a paramserver.TrainConfig, got {type(config).__name__}")
+    if config.cluster:  # across machines, on Ray: one shared-memory server per node
+        from .cluster import train_cluster
+
+        return train_cluster(model, data, config, loss=loss, callback=callback)
     dataset = as_dataset(data, config.seed)
     spec, layout, init = model_spec(model, loss, config.seed, dataset)
     backend = backend_class(spec.backend)

@@ -96,11 +96,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--backend {job.backend}: {e}") from None
     dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
     model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden)
-    print(
-        f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "
-        f"{job.workers} workers, {job.policy}, {job.optimizer} lr {job.lr}",
-        file=sys.stderr,
-    )
+    if not job.cluster:  # a cluster's errors (no Ray, no cluster) stay one line
+        print(
+            f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "
+            f"{job.workers} workers, {job.policy}, {job.optimizer} lr {job.lr}",
+            file=sys.stderr,
+        )
     config = dataclasses.replace(job)  # a TrainJob is a TrainConfig
     result = train(model, dataset, config)
     print(result.summary())

@@ -1,9 +1,9 @@
 """Beyond one machine: one shared-memory server per machine, global parameter shards on Ray.
 
-    python -m paramserver.cluster --cluster local --nodes 2 --workers 1     # simulated on this machine
+    paramserver train --cluster local --nodes 2 --workers 1     # simulated on this machine
     ray start --head                                                        # on the first machine
     ray start --address HEAD:6379                                           # on every other machine
-    python -m paramserver.cluster --cluster auto --nodes 4 --workers 8      # on any of them
+    paramserver train --cluster auto --nodes 4 --workers 8      # on any of them
 
 (Ray 2.60 starts clusters with token authentication: the driver needs the
 cluster's token, ``RAY_AUTH_TOKEN``, or every process ``RAY_AUTH_MODE=disabled``.)
@@ -56,14 +56,14 @@ from typing import Any
 
 import numpy as np
 
-from .config import TrainConfig
+from .config import SYNC_RULES, ClusterConfig, TrainConfig
+from .config import cluster_address as _address
 from .data import Dataset, shard
 from .layout import Layout
 from .server import ParameterServer, TrainResult
 from .store import sweep_stale
 from .supervise import run_span
 
-SYNC_RULES = ("downpour", "easgd")
 RAY_MISSING = "the cluster needs Ray: pip install 'paramserver[ray]'"
 POLL_SECONDS = 0.0005
 """How often a node's sync thread reads the update count: a callback a few times
@@ -75,77 +75,8 @@ STOP_TIMEOUT = 60.0
 """Seconds the nodes get to stop and report once told to, before they are killed."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@dataclass
-class ClusterConfig:
-    """Where and how the nodes of a multi-machine run train and sync (the TrainConfig
-    says how each node trains)."""
-
-    cluster: str = _f(
-        "",
-        "'' = one machine; 'local' = --nodes simulated here; 'auto', HOST:PORT or ray://HOST:PORT joins Ray",
-    )
-    nodes: int = _f(2, "node agents, one per machine, each with --workers workers")
-    shards: int = _f(0, "global parameter shards (Ray actors); 0 = one per node")
-    sync_every: int = _f(10, "a node syncs with the shards every this many of its updates")
-    sync_seconds: float = _f(0.0, "also sync when this many seconds passed since the last sync; 0 = off")
-    sync_rule: str = _f(
-        "downpour", "downpour: global += node delta; easgd: elastic averaging", choices=SYNC_RULES
-    )
-    elastic_alpha: float = _f(0.1, "easgd: node and centre each move alpha of their gap per sync")
-    node_restarts: int = _f(3, "Ray restarts of a node agent or shard actor that died")
-    connect_timeout: float = _f(10.0, "seconds to reach a running cluster before giving up")
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(msg)
-
-        need(
-            self.cluster in ("", "local", "auto") or _address(self.cluster) is not None,
-            f"cluster must be '', 'local', 'auto', HOST:PORT or ray://HOST:PORT, got {self.cluster!r}",
-        )
-        need(self.nodes >= 1, f"nodes must be at least 1 (--nodes 2), got {self.nodes}")
-        need(self.shards >= 0, f"shards must be >= 0 (0 = one per node), got {self.shards}")
-        need(
-            self.sync_every >= 1,
-            f"sync_every must be at least 1 (1 = after every update), got {self.sync_every}",
-        )
-        need(self.sync_seconds >= 0, f"sync_seconds must be >= 0 (0 = off), got {self.sync_seconds}")
-        need(
-            self.sync_rule in SYNC_RULES,
-            f"unknown sync_rule {self.sync_rule!r}; choose one of {', '.join(SYNC_RULES)}",
-        )
-        need(
-            0 < self.elastic_alpha < 1, f"elastic_alpha must be in (0, 1), e.g. 0.1; got {self.elastic_alpha}"
-        )
-        need(self.node_restarts >= 0, f"node_restarts must be >= 0, got {self.node_restarts}")
-        need(self.connect_timeout > 0, f"connect_timeout must be positive, got {self.connect_timeout}")
-
-    @property
-    def shard_count(self) -> int:
-        return self.shards or self.nodes
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _address(cluster: str) -> tuple[str, int] | None:
-    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``; None if it is neither."""
-    rest = cluster.removeprefix("ray://")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
-
-
 def _model_spec(model: Any, loss: Any, seed: int, data: Dataset) -> tuple[Any, Layout, np.ndarray]:
-    # The one place that names the API's model-spec function (to become public as
-    # paramserver.api.model_spec with the same signature).
-    from .api import _model_spec as model_spec
+    from .api import model_spec
 
     return model_spec(model, loss, seed, data)
 
@@ -426,7 +357,7 @@ class _NodeAgent:
         target = np.concatenate([values for values, _ in outs])
         self.staleness.append(int(outs[0][1]))
         correction = target - sent
-        with _update_locks(server):
+        with server.store.exclusive():
             # Only coordinates that changed are written: a worker's update to any other
             # coordinate cannot be overwritten, and one node alone stays exact.
             np.add(params, correction, out=params, where=correction != 0)
@@ -436,19 +367,6 @@ class _NodeAgent:
         f["bytes_sent"] += payload.nbytes
         f["bytes_received"] += target.nbytes
         f["sync_seconds"] += time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def _update_locks(server: ParameterServer) -> Iterator[None]:
-    """Hold the locks the server's workers take to update (none under po3), so that a
-    write-back loses no update. Every worker holds at most one of them at a time, so
-    taking all of them in order cannot deadlock."""
-    policy = server.policy
-    locks = list(getattr(policy, "locks", [])) or [lock for lock in [getattr(policy, "lock", None)] if lock]
-    with contextlib.ExitStack() as stack:
-        for lock in locks:
-            stack.enter_context(lock)
-        yield
 
 
 # -- the driver --------------------------------------------------------------------
@@ -521,7 +439,7 @@ def train_cluster(
     model: Any,
     data: Any,
     config: TrainConfig,
-    cluster: ClusterConfig,
+    cluster: ClusterConfig | None = None,
     *,
     loss: Callable[..., Any] | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
@@ -535,9 +453,12 @@ def train_cluster(
     the global values every ``eval_every`` seconds), ``callback`` (called about
     20 times a second with ``elapsed``, ``test_accuracy`` and the Ray handles of the
     ``agents`` and ``shards``, e.g. for their ``pid``; returning True stops every node).
+    ``cluster``: default, the cluster fields of ``config``. ``paramserver.train`` calls
+    this when ``config.cluster`` is set.
     """
-    from .api import _as_dataset
+    from .api import as_dataset as _as_dataset
 
+    cluster = cluster or config.cluster_options()
     if not cluster.cluster:
         raise ValueError("train_cluster needs a cluster: 'local', 'auto', HOST:PORT or ray://HOST:PORT")
     ray = _import_ray()
@@ -748,7 +669,7 @@ def _drive(
         restarts=sum(r.restarts for r in results),
         version=sum(r.version for r in results),
         nodes=nodes,
-        cluster=cc.to_dict(),
+        cluster=dataclasses.asdict(cc),
     )
 
 
@@ -781,88 +702,30 @@ def _stop_signals() -> Iterator[dict[str, str]]:
 
 def _into_model(model: Any, spec: Any, layout: Layout, dataset: Dataset, result: TrainResult) -> None:
     """Copy the global values into the caller's model, as ``paramserver.train`` does."""
-    result.model = model
-    if spec.backend == "torch":
-        import torch
+    from paramserver.workers.backends import backend_class
 
-        from paramserver.workers.backends import CALIBRATION_SAMPLES, recalibrate_batch_norm
-
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in result.params:
-                    p.copy_(torch.from_numpy(result.params[name]))
-        recalibrate_batch_norm(model, dataset.x_train[:CALIBRATION_SAMPLES])
-    elif spec.backend == "tf":
-        from paramserver.workers.backends import make_backend
-
-        result.model = make_backend(spec, layout, layout.flatten(result.params)).trained_model()
+    result.model = backend_class(spec.backend).hand_back(model, spec, layout, result.params, dataset)
 
 
 def _write_run(
     result: ClusterResult, config: TrainConfig, cc: ClusterConfig, dataset: Dataset, spec: Any, layout: Layout
 ) -> None:
-    """``results.json`` and ``params.npz`` in a new run directory, as one machine writes them."""
+    """``results.json`` and ``params.safetensors`` in a new run directory, as one machine writes them."""
+    from .checkpoint import PARAMS_FILENAME, save_params
     from .machine import machine_info
+    from .server import new_run_dir, write_json
 
-    base = os.path.join(
-        config.out_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-cluster-n{cc.nodes}-w{config.workers}"
-    )
-    path, i = base, 1
-    while os.path.exists(path):
-        i += 1
-        path = f"{base}-{i}"
-    os.makedirs(path)
-    result.run_dir = path
+    path = result.run_dir = new_run_dir(config.out_dir, f"cluster-n{cc.nodes}-w{config.workers}")
     doc = {
         "result": result.to_dict(),
         "config": config.to_dict(),
-        "cluster": cc.to_dict(),
+        "cluster": dataclasses.asdict(cc),
         "data": dataset.describe(),
         "model": {"backend": spec.backend, "parameters": layout.num_params, "tensors": len(layout),
                   "fingerprint": layout.fingerprint},
         "machine": machine_info(),
     }  # fmt: skip
-    with open(os.path.join(path, "results.json"), "w") as f:
-        json.dump(doc, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-        f.write("\n")
-    np.savez(os.path.join(path, "params.npz"), **result.params)
+    write_json(os.path.join(path, "results.json"), doc)
+    save_params(os.path.join(path, PARAMS_FILENAME), result.params, {"fingerprint": layout.fingerprint})
 
 
-# -- command line (mirrors `paramserver train --cluster ...` until the CLI has it) --------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m paramserver.cluster [train options] [cluster options]``; a bad value is
-    one line on stderr and exit code 2."""
-    from .cli import UsageError, _add_dataclass_options, _Parser
-    from .config import TrainJob
-
-    parser = _Parser(prog="python -m paramserver.cluster", description="train across machines on Ray")
-    _add_dataclass_options(parser, TrainJob)
-    _add_dataclass_options(parser, ClusterConfig)
-    try:
-        args = parser.parse_args(argv)
-        job = TrainJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainJob)})
-        cc = ClusterConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig)})
-        if not cc.cluster:
-            raise ValueError("pass --cluster local (simulated nodes), auto, HOST:PORT or ray://HOST:PORT")
-        _import_ray()
-        from . import data as data_mod
-        from .models import build_model
-
-        if job.backend == "torch":
-            import torch
-
-            torch.manual_seed(job.seed)
-        dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
-        model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden)
-        result = train_cluster(model, dataset, dataclasses.replace(job), cc)
-    except (UsageError, ValueError, TypeError) as e:
-        print(f"paramserver: {e}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

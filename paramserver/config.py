@@ -183,8 +183,88 @@ class RunConfig:
         return self.pin == "on" or (self.pin == "auto" and self.workers * threads <= cores)
 
 
+SYNC_RULES = ("downpour", "easgd")
+
+
+def cluster_address(cluster: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``; None if it is neither."""
+    rest = cluster.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 @dataclass
-class TrainConfig(RunConfig):
+class ClusterConfig:
+    """Where and how the nodes of a multi-machine run train and sync (the rest of a
+    TrainConfig says how each node trains). ``cluster=""``: one machine, none of this."""
+
+    cluster: str = _f(
+        "",
+        "'' = one machine; 'local' = --nodes simulated here; 'auto', HOST:PORT or ray://HOST:PORT joins Ray",
+    )
+    nodes: int = _f(2, "node agents, one per machine, each with --workers workers")
+    shards: int = _f(0, "global parameter shards (Ray actors); 0 = one per node")
+    sync_every: int = _f(10, "a node syncs with the shards every this many of its updates")
+    sync_seconds: float = _f(0.0, "also sync when this many seconds passed since the last sync; 0 = off")
+    sync_rule: str = _f(
+        "downpour", "downpour: global += node delta; easgd: elastic averaging", choices=SYNC_RULES
+    )
+    elastic_alpha: float = _f(0.1, "easgd: node and centre each move alpha of their gap per sync")
+    node_restarts: int = _f(3, "Ray restarts of a node agent or shard actor that died")
+    connect_timeout: float = _f(10.0, "seconds to reach a running cluster before giving up")
+
+    def __post_init__(self) -> None:
+        self.check_cluster()
+        parent = getattr(super(), "__post_init__", None)  # RunConfig's, in a TrainConfig
+        if parent is not None:
+            parent()
+
+    def check_cluster(self) -> None:
+        need = _need
+        _finite(self, "sync_seconds", "elastic_alpha", "connect_timeout")
+        need(
+            self.cluster in ("", "local", "auto") or cluster_address(self.cluster) is not None,
+            f"cluster must be '', 'local', 'auto', HOST:PORT or ray://HOST:PORT, got {self.cluster!r}",
+        )
+        need(self.nodes >= 1, f"nodes must be at least 1 (--nodes 2), got {self.nodes}")
+        need(self.shards >= 0, f"shards must be >= 0 (0 = one per node), got {self.shards}")
+        need(
+            self.sync_every >= 1,
+            f"sync_every must be at least 1 (1 = after every update), got {self.sync_every}",
+        )
+        need(self.sync_seconds >= 0, f"sync_seconds must be >= 0 (0 = off), got {self.sync_seconds}")
+        need(
+            self.sync_rule in SYNC_RULES,
+            f"unknown sync_rule {self.sync_rule!r}; choose one of {', '.join(SYNC_RULES)}",
+        )
+        need(
+            0 < self.elastic_alpha < 1, f"elastic_alpha must be in (0, 1), e.g. 0.1; got {self.elastic_alpha}"
+        )
+        need(self.node_restarts >= 0, f"node_restarts must be >= 0, got {self.node_restarts}")
+        need(self.connect_timeout > 0, f"connect_timeout must be positive, got {self.connect_timeout}")
+
+    @property
+    def shard_count(self) -> int:
+        return self.shards or self.nodes
+
+    def cluster_options(self) -> ClusterConfig:
+        """Just these fields (of a TrainConfig, say)."""
+        return ClusterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClusterConfig)})
+
+
+def _address(cluster: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``; None if it is neither."""
+    rest = cluster.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+@dataclass
+class TrainConfig(ClusterConfig, RunConfig):
     """How to train: workers, policy, update rule, budget, placement, output."""
 
     batch_size: int = _f(32, "samples per step per worker")
@@ -204,7 +284,7 @@ class TrainConfig(RunConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # the cluster's fields, then RunConfig's
         need = _need
         _finite(self, "target_loss", "eval_every")
         need(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")

@@ -26,9 +26,10 @@ with no live worker claiming it for longer than ``LEAK_SECONDS``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,17 @@ class Policy(ABC):
     @abstractmethod
     def step(self, backward: Backward, apply: Apply, rank: int = 0) -> None:
         """Run ``backward()`` then ``apply`` over the whole vector, locked as the policy says."""
+
+    @contextlib.contextmanager
+    def hold_all(self) -> Iterator[None]:
+        """Hold every update lock (none under po3), in order, so that a write from outside
+        the workers (a multi-machine sync) loses no update. A worker holds at most one of
+        them at a time, so taking all of them in order cannot deadlock."""
+        with contextlib.ExitStack() as stack:
+            for sem, _capacity, name, _value in self._semaphores():
+                if name == _LOCK:
+                    stack.enter_context(sem)
+            yield
 
     # -- recovery, on the server's side --------------------------------------------
 

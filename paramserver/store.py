@@ -534,6 +534,11 @@ class Store(ABC):
     def unlink(self) -> None:
         """Remove the store's storage (its creator, once; handles stay valid until closed)."""
 
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold off the workers' updates (as far as the consistency rule locks them) while
+        something else writes the parameters: a multi-machine sync."""
+        return contextlib.nullcontext()
+
     # -- the worker's side ----------------------------------------------------------------
 
     def bind(self, rank: int) -> None:
@@ -680,6 +685,9 @@ class ShmStore(Segment, Store):
     def unbind(self) -> None:
         if self.policy is not None:
             self.policy.unbind()
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return self.policy.hold_all() if self.policy is not None else contextlib.nullcontext()
 
     def recover(self, alive: np.ndarray, dead: list[int]) -> int:
         if self.policy is None:

@@ -86,7 +86,8 @@ def test_bad_cluster_config_names_the_fix(kw, match):
 def run_cli(
     *args: str, code: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "paramserver.cluster"]
+    code = code or "import sys\nfrom paramserver.cli import main\nsys.exit(main(['train', *sys.argv[1:]]))"
+    cmd = [sys.executable, "-c", code]
     environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(
         [*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT, env={**environ, **(env or {})}
@@ -102,7 +103,6 @@ def run_cli(
         (["--cluster", "127.0.0.1:9", "--connect-timeout", "3"], "cannot reach the Ray cluster"),
         (["--cluster", "ray://127.0.0.1:9", "--connect-timeout", "3"], "cannot reach the Ray cluster"),
         (["--cluster", "auto"], "no Ray cluster at 'auto'"),  # none is running: Ray says so at once
-        ([], "pass --cluster local"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args, match):
@@ -124,12 +124,12 @@ def test_auto_with_a_dead_address_fails_fast():
 def test_missing_ray_names_the_extra():
     code = (
         "import sys; sys.modules['ray'] = None\n"  # makes `import ray` raise ImportError
-        "from paramserver.cluster import main\n"
-        "sys.exit(main(sys.argv[1:]))"
+        "from paramserver.cli import main\n"
+        "sys.exit(main(['train', *sys.argv[1:]]))"
     )
     proc = run_cli("--cluster", "local", code=code)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"paramserver: {RAY_MISSING}"
+    assert proc.stderr.strip() == f"paramserver: error: {RAY_MISSING}"
 
 
 # -- training ------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_results_json_has_per_node_figures(local_ray, digits, tmp_path):
     assert {"syncs", "bytes_sent", "bytes_received", "sync_seconds", "staleness_mean"} <= set(
         doc["result"]["nodes"][0]
     )
-    assert (run_dir / "params.npz").exists()
+    assert (run_dir / "params.safetensors").exists()
 
 
 # -- faults ----------------------------------------------------------------------------
