@@ -269,6 +269,7 @@ class RLJob(Job):
         self.best: float | None = None
         self.at_target: tuple[float, int] | None = None
         self.episodes_total = 0
+        self.reason: str | None = None
         self.log = None
         if server.run_dir:
             self.log = open(os.path.join(server.run_dir, "episodes.jsonl"), "w", buffering=1)  # noqa: SIM115
@@ -320,9 +321,14 @@ class RLJob(Job):
                 reason = "target"
             if reason:
                 break
+        self.reason = reason
         return reason
 
     def end(self, server: Server) -> None:
+        # Episodes that ended after the last poll (the run may stop at the very poll that
+        # saw every worker done, before this job read their rings).
+        if server.t0 is not None and self.reason is None:
+            self.poll(server, 0.0, server.store.counters.copy())
         if self.log is not None:
             self.log.close()
 
