@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .config import TrainConfig
-from .data import Dataset, make_dataset
+from .data import Dataset, as_dataset
 from .layout import Layout
 from .server import ParameterServer, TrainResult
 
@@ -57,19 +57,6 @@ def is_keras(obj: Any) -> bool:
 def looks_like_tf_model(obj: Any) -> bool:
     """A Keras model or ``tf.Module`` instance (without importing TensorFlow)."""
     return is_keras(obj) or any(c.__module__.startswith("tensorflow") for c in type(obj).__mro__)
-
-
-def as_dataset(data: Any, seed: int) -> Dataset:
-    """``data`` as a :class:`Dataset`: a Dataset, ``(x, y)`` or ``(x, y, x_test, y_test)``."""
-    if isinstance(data, Dataset):
-        return data
-    if isinstance(data, tuple) and len(data) == 2:
-        return make_dataset(data[0], data[1], seed=seed)
-    if isinstance(data, tuple) and len(data) == 4:
-        return make_dataset(data[0], data[1], x_test=data[2], y_test=data[3], seed=seed)
-    raise TypeError(
-        f"data must be a paramserver.Dataset, (x, y) or (x, y, x_test, y_test); got {type(data).__name__}"
-    )
 
 
 def model_spec(

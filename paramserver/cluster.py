@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import os
 import signal
 import socket
@@ -56,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import SYNC_RULES, ClusterConfig, TrainConfig
+from .config import ClusterConfig, TrainConfig
 from .config import cluster_address as _address
 from .data import Dataset, shard
 from .layout import Layout
@@ -76,9 +75,10 @@ STOP_TIMEOUT = 60.0
 
 
 def _model_spec(model: Any, loss: Any, seed: int, data: Dataset) -> tuple[Any, Layout, np.ndarray]:
-    from .api import model_spec
+    # paramserver.api.model_spec, through the registry itself (the API dispatches here).
+    from paramserver.workers.backends import backend_for
 
-    return model_spec(model, loss, seed, data)
+    return backend_for(model).make_spec(model, loss, seed, data)
 
 
 def _import_ray() -> Any:
@@ -456,7 +456,7 @@ def train_cluster(
     ``cluster``: default, the cluster fields of ``config``. ``paramserver.train`` calls
     this when ``config.cluster`` is set.
     """
-    from .api import as_dataset as _as_dataset
+    from .data import as_dataset as _as_dataset
 
     cluster = cluster or config.cluster_options()
     if not cluster.cluster:
@@ -727,5 +727,3 @@ def _write_run(
     }  # fmt: skip
     write_json(os.path.join(path, "results.json"), doc)
     save_params(os.path.join(path, PARAMS_FILENAME), result.params, {"fingerprint": layout.fingerprint})
-
-

@@ -12,6 +12,7 @@ import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -150,6 +151,19 @@ def load(spec: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     if spec.endswith(".npz"):
         return load_npz(spec, test_fraction=test_fraction, seed=seed)
     raise ValueError(f"unknown data set {spec!r}; pass 'digits' or a path ending in .npz")
+
+
+def as_dataset(data: Any, seed: int) -> Dataset:
+    """``data`` as a :class:`Dataset`: a Dataset, ``(x, y)`` or ``(x, y, x_test, y_test)``."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        return make_dataset(data[0], data[1], seed=seed)
+    if isinstance(data, tuple) and len(data) == 4:
+        return make_dataset(data[0], data[1], x_test=data[2], y_test=data[3], seed=seed)
+    raise TypeError(
+        f"data must be a paramserver.Dataset, (x, y) or (x, y, x_test, y_test); got {type(data).__name__}"
+    )
 
 
 def share_training_data(data: Dataset) -> Segment:
