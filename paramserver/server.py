@@ -46,7 +46,7 @@ from .data import Dataset, shard, share_training_data
 from .layout import Layout
 from .machine import machine_info, usable_cores
 from .progress import Progress
-from .store import TMP_PREFIX, Counters, ShmStore, Store, sweep_stale
+from .store import TMP_PREFIX, Counters, ShmStore, Store, staleness, sweep_stale
 from .supervise import Supervisor, Terminated, run_span
 from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
@@ -683,10 +683,10 @@ class Evaluator:
 
 
 def staleness_of(workers: list[dict[str, float]]) -> dict[str, float]:
-    """Mean and max staleness from the workers' rows (as dicts): :meth:`Counters.staleness`."""
-    if not workers:
-        return {"mean": 0.0, "max": 0.0}
-    return Counters(np.array([[w[k] for k in w] for w in workers])).staleness()
+    """Mean and max staleness from the workers' rows (as dicts)."""
+    return staleness(
+        *(np.array([w.get(k, 0.0) for w in workers]) for k in ("steps", "staleness_sum", "staleness_max"))
+    )
 
 
 def summary_tail(restarts: int, run_dir: str | None) -> str:

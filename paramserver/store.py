@@ -413,10 +413,7 @@ class Counters:
 
     def staleness(self) -> dict[str, float]:
         """Mean and max staleness of every update of this run."""
-        steps = self.column("steps").sum()
-        total = self.column("staleness_sum").sum()
-        top = float(self.column("staleness_max").max()) if len(self) else 0.0
-        return {"mean": float(total / steps) if steps else 0.0, "max": top}
+        return staleness(self.column("steps"), self.column("staleness_sum"), self.column("staleness_max"))
 
     def mean_loss(self) -> float | None:
         """The workers' smoothed losses averaged over those that made a step."""
@@ -428,6 +425,13 @@ class Counters:
 
     def as_dicts(self) -> list[dict[str, float]]:
         return [self.row(r).as_dict() for r in range(len(self))]
+
+
+def staleness(steps: np.ndarray, sums: np.ndarray, maxes: np.ndarray) -> dict[str, float]:
+    """Mean and max staleness over workers, from their steps, summed and largest staleness."""
+    total_steps = float(np.sum(steps))
+    mean = float(np.sum(sums)) / total_steps if total_steps else 0.0
+    return {"mean": mean, "max": float(np.max(maxes)) if len(maxes) else 0.0}
 
 
 def status_name(value: float) -> str:
