@@ -467,9 +467,9 @@ class Gradient:
         """Whether applying this gradient changes anything in ``[lo, hi)`` of the flat vector
         (a row belongs to the range its first element lies in), so that a policy can skip
         the lock of a range it leaves alone."""
-        if self.dense is not None:
-            if self.ranges is None or any(a < hi and lo < b for a, b in self.ranges):
-                return True
+        dense = self.dense is not None
+        if dense and (self.ranges is None or any(a < hi and lo < b for a, b in self.ranges)):
+            return True
         for s in self.sparse:
             first, last = row_span(s, lo, hi)
             if last > first:

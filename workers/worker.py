@@ -231,7 +231,9 @@ def prepare(
     shared_state = config.shared_state and rule.state_slots > 0
     state = store.state if shared_state else np.zeros((rule.state_slots, params.size), params.dtype)
     assert state.shape[0] == rule.state_slots, "the store has the wrong number of state slots"
-    grad = np.zeros_like(params)
+    # np.zeros, not zeros_like: calloc'd pages stay unmapped until written, and the part of
+    # a row-sparse table (never written) must cost no private memory. zeros_like fills.
+    grad = np.zeros(params.shape, params.dtype)
     assert config.lr is not None
     update = Updater(rule, params, grad, state, config.lr)
     schedule = config.lr_schedule_for(max(1, plan.total_updates))
