@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-MODELS = {"torch": ("mlp", "cnn"), "tf": ("mlp", "cnn"), "numpy": ("mlp", "softmax")}
+MODELS = {"torch": ("mlp", "cnn", "embedding"), "tf": ("mlp", "cnn"), "numpy": ("mlp", "softmax", "mf")}
 
 
 def square_side(input_shape: tuple[int, ...], layout: str) -> int | None:
@@ -27,9 +27,12 @@ def square_side(input_shape: tuple[int, ...], layout: str) -> int | None:
     return side
 
 
-def build_model(backend: str, name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64) -> Any:
+def build_model(
+    backend: str, name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64, tokens: int = 0
+) -> Any:
     """The model ``name`` of ``backend`` for inputs of ``input_shape`` (for tf: a
-    ``KerasModel``, the factory each worker builds the model with)."""
+    ``KerasModel``, the factory each worker builds the model with); ``tokens``: the id
+    range of integer inputs (largest id + 1), for the embedding models."""
     if backend == "tf":
         from paramserver.api import KerasModel
         from paramserver.workers.tf_backend import import_tf
@@ -44,4 +47,4 @@ def build_model(backend: str, name: str, input_shape: tuple[int, ...], classes: 
         from .numpy_models import build  # type: ignore[assignment]
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(MODELS)}")
-    return build(name, input_shape, classes, hidden)
+    return build(name, input_shape, classes, hidden, tokens)

@@ -1,4 +1,5 @@
-"""NumPy models with hand-written gradients: softmax regression and an MLP.
+"""NumPy models with hand-written gradients: softmax regression, an MLP, and logistic
+matrix factorization (row-sparse gradients).
 
 A NumPy model holds no parameters itself: it is handed a dict of arrays (views
 of the shared flat vector) on every call, and writes its gradient into
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 
 Arrays = dict[str, np.ndarray]
+RowGrads = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Row gradients by table name: (row indices (k,), values (k, row length))."""
 
 
 def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -47,8 +50,14 @@ class NumpyModel(ABC):
         """Logits for ``x`` and whatever backward needs."""
 
     @abstractmethod
-    def backward(self, params: Arrays, cache: Any, dlogits: np.ndarray, grads: Arrays) -> None:
-        """Write d loss / d param into ``grads`` (overwriting it)."""
+    def backward(self, params: Arrays, cache: Any, dlogits: np.ndarray, grads: Arrays) -> RowGrads | None:
+        """Write d loss / d param into ``grads`` (overwriting it), except for the tensors of
+        :meth:`sparse_tensors`: return their gradients as ``{name: (indices, values)}``,
+        ``values[i]`` the gradient of row ``indices[i]`` (repeats are summed)."""
+
+    def sparse_tensors(self) -> tuple[str, ...]:
+        """Tables (2-D) whose gradient ``backward`` returns as rows; not in ``grads``."""
+        return ()
 
     def loss_and_grad(self, params: Arrays, x: np.ndarray, y: np.ndarray, grads: Arrays) -> float:
         logits, cache = self.forward(params, x)
@@ -135,10 +144,62 @@ class NumpyMLP(NumpyModel):
                 d *= acts[i] > 0  # ReLU: acts[i] is the post-ReLU activation
 
 
-def build(name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64) -> NumpyModel:
+@dataclass
+class MatrixFactorization(NumpyModel):
+    """Logistic matrix factorization on (user, item) pairs: the Hogwild! paper's
+    Netflix-style task as a classifier (the data sets here hold class labels, not
+    regression targets), e.g. label 1 for a rating of 4 or more.
+
+    ``score = U[user] . V[item] + b``; the logits are ``(0, score)``, so the softmax
+    cross-entropy is the logistic loss. Input: int ``(batch, 2)``. ``U`` and ``V`` get
+    row gradients: a step touches the rows of its batch's users and items only."""
+
+    users: int
+    items: int
+    dim: int = 16
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"U": (self.users, self.dim), "V": (self.items, self.dim), "b": (1,)}
+
+    def sparse_tensors(self) -> tuple[str, ...]:
+        return ("U", "V")
+
+    def init(self, rng: np.random.Generator) -> Arrays:
+        scale = 1.0 / math.sqrt(self.dim)
+        return {
+            "U": (scale * rng.standard_normal((self.users, self.dim))).astype(np.float32),
+            "V": (scale * rng.standard_normal((self.items, self.dim))).astype(np.float32),
+            "b": np.zeros(1, np.float32),
+        }
+
+    def forward(self, params: Arrays, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        u, i = x[:, 0], x[:, 1]
+        pu, qi = params["U"][u], params["V"][i]  # gathers: copies of the batch's rows only
+        logits = np.zeros((len(x), 2), np.float32)
+        logits[:, 1] = np.einsum("nd,nd->n", pu, qi) + params["b"][0]
+        return logits, (u, i, pu, qi)
+
+    def backward(self, params: Arrays, cache: Any, dlogits: np.ndarray, grads: Arrays) -> RowGrads:
+        u, i, pu, qi = cache
+        d = dlogits[:, 1:2]  # d loss / d score (logit 0 is the constant 0: no gradient)
+        grads["b"][0] = d.sum()
+        return {"U": (u, d * qi), "V": (i, d * pu)}
+
+
+def build(
+    name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64, tokens: int = 0
+) -> NumpyModel:
+    """``tokens``: for ``mf``, the largest user or item id + 1 (both tables get that many rows)."""
     features = math.prod(input_shape)
+    if name == "mf":
+        if input_shape != (2,) or classes != 2 or tokens < 1:
+            raise ValueError(
+                f"mf needs int (user, item) pairs, shape (samples, 2), and 2 classes; got inputs "
+                f"{input_shape} and {classes} classes"
+            )
+        return MatrixFactorization(tokens, tokens, dim=hidden)
     if name == "softmax":
         return SoftmaxRegression(features, classes)
     if name == "mlp":
         return NumpyMLP(features, classes, hidden)
-    raise ValueError(f"unknown numpy model {name!r}; choose one of mlp, softmax")
+    raise ValueError(f"unknown numpy model {name!r}; choose one of mlp, softmax, mf")

@@ -1,4 +1,5 @@
-"""Ready PyTorch models: an MLP, a small LeNet-style CNN, and the classic Hogwild CNN."""
+"""Ready PyTorch models: an MLP, a small LeNet-style CNN, the classic Hogwild CNN, and a
+bag-of-words classifier on an embedding table with sparse gradients."""
 
 from __future__ import annotations
 
@@ -67,8 +68,33 @@ class HogwildNet(nn.Module):
         return self.fc2(x)
 
 
-def build(name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64) -> nn.Module:
-    """A model called ``name`` for inputs of ``input_shape`` (without the batch axis)."""
+class BagOfWords(nn.Module):
+    """The mean of the embeddings of a sample's token ids, then logits.
+
+    Input: int64 ids ``(batch, ids per sample)``. The table has sparse gradients, so a
+    step reads and updates only the rows of the ids in its batch."""
+
+    def __init__(self, tokens: int, classes: int, dim: int = 32):
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(tokens, dim, mode="mean", sparse=True)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embedding(x))
+
+
+def build(
+    name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64, tokens: int = 0
+) -> nn.Module:
+    """A model called ``name`` for inputs of ``input_shape`` (without the batch axis);
+    ``tokens``: the vocabulary of an embedding model (largest id + 1)."""
+    if name == "embedding":
+        if len(input_shape) != 1 or tokens < 1:
+            raise ValueError(
+                f"embedding needs int32/int64 token ids of shape (samples, ids per sample), got "
+                f"inputs of shape {input_shape}"
+            )
+        return BagOfWords(tokens, classes, dim=hidden)
     if name == "mlp":
         return MLP(math.prod(input_shape), classes, hidden)
     if name == "cnn":
@@ -78,4 +104,4 @@ def build(name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 6
         if len(input_shape) == 3 and input_shape[1] == input_shape[2]:
             return CNN(input_shape[0], input_shape[1], classes, hidden=hidden)
         raise ValueError(f"cnn needs inputs of shape (channels, side, side), got {input_shape}")
-    raise ValueError(f"unknown torch model {name!r}; choose one of mlp, cnn")
+    raise ValueError(f"unknown torch model {name!r}; choose one of mlp, cnn, embedding")

@@ -74,6 +74,18 @@ def model_spec(
     return backend_for(model).make_spec(model, loss, seed, data)
 
 
+def check_rows(sparse: tuple[str, ...], config: TrainConfig) -> None:
+    """Refuse, before any worker starts, an update rule that cannot update rows when the
+    model has tables with row gradients (``sparse``: their names)."""
+    if sparse and not config.update_rule().supports_rows:
+        raise ValueError(
+            f"the model's {', '.join(sparse)} get sparse gradients (sparse=True), and optimizer "
+            f"{config.optimizer!r} with these settings has no row update; use sgd without momentum "
+            "or weight decay, adagrad without weight decay, or adam (lazy, as torch.optim.SparseAdam), "
+            "or build the table with sparse=False"
+        )
+
+
 def train(
     model: Any,
     data: Any,
@@ -108,6 +120,7 @@ def train(
     spec, layout, init = model_spec(model, loss, config.seed, dataset)
     backend = backend_class(spec.backend)
     backend.check_config(config)
+    check_rows(spec.sparse, config)
     with ParameterServer(spec, layout, init, dataset, config, callback=callback) as server:
         result = server.run()
     result.model = backend.hand_back(model, spec, layout, result.params, dataset)

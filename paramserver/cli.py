@@ -95,7 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"--backend {job.backend}: {e}") from None
     dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
-    model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden)
+    ids = dataset.x_train.dtype.kind in "iu"  # token ids: the embedding models need their range
+    tokens = int(max(dataset.x_train.max(), dataset.x_test.max())) + 1 if ids else 0
+    model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden, tokens)
     if not job.cluster:  # a cluster's errors (no Ray, no cluster) stay one line
         print(
             f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "

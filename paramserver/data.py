@@ -22,7 +22,8 @@ from .store import Segment
 
 @dataclass
 class Dataset:
-    """A classification data set: ``x`` float32 ``(n, ...)``, ``y`` int64 labels in [0, classes)."""
+    """A classification data set: ``x`` float32 ``(n, ...)`` (int32/int64 ids keep their
+    dtype), ``y`` int64 labels in [0, classes)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -59,7 +60,14 @@ def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.n
         raise TypeError(f"{what}: y must hold integer class labels, got dtype {y.dtype}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{what}: x contains NaN or Inf")
-    return np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64)
+    # Token ids (int32/int64) keep their dtype: float32 would round odd ids above 2**24.
+    # Other inputs become float32 (narrow ints, bools and uint8 pixels are exact there).
+    dtype = x.dtype if x.dtype in _ID_DTYPES else np.float32
+    return np.ascontiguousarray(x, dtype=dtype), y.astype(np.int64)
+
+
+_ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+"""Input dtypes kept as they are (ids); every other input is cast to float32."""
 
 
 def make_dataset(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -158,6 +158,22 @@ class Layout:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:32]
 
     # -- views ----------------------------------------------------------------------
+
+    def ranges_without(self, names: Iterable[str]) -> list[tuple[int, int]]:
+        """Element ranges ``[lo, hi)`` of the flat vector not held by the tensors ``names``
+        (the dense part of a model whose ``names`` get row-sparse gradients). Padding
+        between tensors stays inside a range: fewer, longer ranges for the update rule,
+        and a zero gradient there changes nothing."""
+        size, skip = self.dtype.itemsize, set(names)
+        holes = sorted((f.offset // size, f.offset // size + f.size) for f in self.fields if f.name in skip)
+        out, lo = [], 0
+        for a, b in holes:
+            if a > lo:
+                out.append((lo, a))
+            lo = max(lo, b)
+        if lo < self.flat_size:
+            out.append((lo, self.flat_size))
+        return out
 
     def views(self, buf: Any, base: int = 0) -> dict[str, np.ndarray]:
         """Writable NumPy views of every array in ``buf`` (starting at byte ``base``).

@@ -216,6 +216,8 @@ class Striped(Policy):
         for i in range(n):
             j = (i + rank) % n
             lo, hi = self.bounds[j]
+            if not gradient.touches(lo, hi):
+                continue  # sparse: nothing of this gradient lies here, so no wait for its lock
             with self.locks[j]:
                 self.row.held_lock = j + 1
                 try:

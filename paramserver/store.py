@@ -463,6 +463,31 @@ class Gradient:
     dense: np.ndarray | None = None
     sparse: list[SparseRows] = field(default_factory=list)
     finite: bool = True
+    ranges: list[tuple[int, int]] | None = None
+    """The element ranges of ``dense`` that hold a gradient (None: all of it); the rest
+    belongs to the tensors of ``sparse`` and is never written."""
+
+    def touches(self, lo: int, hi: int) -> bool:
+        """Whether applying this gradient changes anything in ``[lo, hi)`` of the flat vector
+        (a row belongs to the range its first element lies in), so that a policy can skip
+        the lock of a range it leaves alone."""
+        dense = self.dense is not None
+        if dense and (self.ranges is None or any(a < hi and lo < b for a, b in self.ranges)):
+            return True
+        for s in self.sparse:
+            first, last = row_span(s, lo, hi)
+            if last > first:
+                return True
+        return False
+
+
+def row_span(s: SparseRows, lo: int, hi: int) -> tuple[int, int]:
+    """``[first, last)``: the entries of ``s.rows`` whose row starts in ``[lo, hi)``."""
+    # Row r starts at s.offset + r * dim: it lies in [lo, hi) iff ceil((lo - offset) / dim)
+    # <= r < ceil((hi - offset) / dim).
+    a = -(-(lo - s.offset) // s.dim)
+    b = -(-(hi - s.offset) // s.dim)
+    return int(np.searchsorted(s.rows, a)), int(np.searchsorted(s.rows, b))
 
 
 Backward = Callable[[], Gradient]

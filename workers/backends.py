@@ -10,8 +10,10 @@ this registry asks which framework a model belongs to.
 A backend instance is built on two flat vectors it does not own: ``params``
 (a view of the shared segment) and ``grad`` (the worker's own gradient
 buffer). After ``forward(x, y)`` returns the batch loss, ``backward()`` leaves
-the whole gradient in ``grad``; nothing is copied in between. Frameworks are
-imported only when asked for.
+the gradient in ``grad`` and returns the row-sparse gradients of the tensors
+named in :attr:`Backend.sparse` (embedding tables): those never get a dense
+gradient, their part of ``grad`` is never written (so its pages are never
+made resident). Frameworks are imported only when asked for.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from paramserver.layout import Layout
+from paramserver.optim import coalesce
+from paramserver.store import SparseRows
 
 
 @dataclass
@@ -45,6 +49,8 @@ class ModelSpec:
     backend: str
     payload: Any
     loss: Callable[..., Any] | None = None
+    sparse: tuple[str, ...] = ()
+    """Tensors whose gradients arrive as rows (the update rule must support rows)."""
 
     def via_file(self, directory: str) -> ModelSpec:
         """This spec with a bytes payload moved to a private file (read by ``load``).
@@ -58,7 +64,7 @@ class ModelSpec:
         fd, path = tempfile.mkstemp(prefix="model-", suffix=".pkl", dir=directory)  # mode 0600
         with os.fdopen(fd, "wb") as f:
             f.write(self.payload)
-        return ModelSpec(self.backend, _PayloadFile(path), self.loss)
+        return ModelSpec(self.backend, _PayloadFile(path), self.loss, self.sparse)
 
     def load(self) -> Any:
         """The model object (unpickled from bytes or from the file of ``via_file``)."""
@@ -81,6 +87,8 @@ class Backend(ABC):
     """Its key in :data:`BACKENDS`. An instance is built as ``cls(spec, layout, params, grad,
     config=None, rank=0)``: a worker passes its config and rank (the tf backend takes its
     device and when to compute the gradient from them)."""
+    sparse: tuple[str, ...] = ()
+    """Tensors whose gradient :meth:`backward` returns as rows instead of writing ``grad``."""
 
     # -- in the calling process -------------------------------------------------------
 
@@ -129,8 +137,9 @@ class Backend(ABC):
         """Loss of the batch; keeps what ``backward`` needs."""
 
     @abstractmethod
-    def backward(self) -> None:
-        """Write the gradient of the last ``forward`` into the flat gradient buffer."""
+    def backward(self) -> list[SparseRows] | None:
+        """Write the gradient of the last ``forward`` into the flat gradient buffer (its
+        dense part), and return the coalesced rows of the tensors in :attr:`sparse`."""
 
     @abstractmethod
     def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -173,9 +182,32 @@ def recalibrate_batch_norm(model: Any, x: np.ndarray, batch: int = 256) -> bool:
     return True
 
 
-def bind_torch(model: Any, layout: Layout, params: np.ndarray, grad: np.ndarray | None) -> None:
+def torch_sparse_names(model: Any) -> tuple[str, ...]:
+    """Names of the parameters of ``model`` whose gradient torch makes sparse (the weights
+    of ``nn.Embedding``/``nn.EmbeddingBag`` built with ``sparse=True``)."""
+    import torch
+
+    kinds = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, kinds) and m.sparse}
+    return tuple(n for n, p in model.named_parameters() if id(p) in tables and p.requires_grad)
+
+
+def torch_rows(grad: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, values) of an uncoalesced sparse COO gradient of a table, as NumPy arrays.
+
+    ``_indices()``/``_values()`` are private (checked with torch 2.x); the public
+    ``indices()`` refuses an uncoalesced tensor and ``coalesce()`` would sort in torch,
+    then again here: :func:`paramserver.optim.coalesce` does it once, compiled."""
+    return grad._indices()[0].numpy(), grad._values().numpy()
+
+
+def bind_torch(
+    model: Any, layout: Layout, params: np.ndarray, grad: np.ndarray | None, sparse: tuple[str, ...] = ()
+) -> None:
     """Make ``model``'s trainable parameters views of ``params`` and their gradients views
-    of ``grad`` (zero copy: the model *is* the shared memory)."""
+    of ``grad`` (zero copy: the model *is* the shared memory). The tensors in ``sparse``
+    keep ``grad = None``: autograd then gives them a sparse gradient instead of adding
+    it, densely, into a view as large as the table."""
     import torch
 
     views = layout.unflatten(params)
@@ -187,7 +219,7 @@ def bind_torch(model: Any, layout: Layout, params: np.ndarray, grad: np.ndarray 
             # Never call model.share_memory() after this: it would copy these
             # views into a new segment and silently end the sharing.
             p.data = torch.from_numpy(views[name])
-            if grad is not None:
+            if grad is not None and name not in sparse:
                 p.grad = torch.from_numpy(gviews[name])
 
 
@@ -213,7 +245,15 @@ class TorchBackend(Backend):
         self.model = model
         self.grad = grad
         self.loss_fn = spec.loss or torch.nn.functional.cross_entropy
-        bind_torch(model, layout, params, grad)
+        self.sparse = torch_sparse_names(model)
+        bind_torch(model, layout, params, grad, self.sparse)
+        named = dict(model.named_parameters())
+        # (parameter, flat offset, row length) of each table with row gradients.
+        self._tables = [
+            (named[n], layout[n].offset // layout.dtype.itemsize, int(np.prod(layout[n].shape[1:])))
+            for n in self.sparse
+        ]
+        self._dense = layout.ranges_without(self.sparse)
         self._loss: Any = None
 
     @classmethod
@@ -234,7 +274,7 @@ class TorchBackend(Backend):
                 f"the model could not be pickled for the worker processes ({e}); define its "
                 "class at module level (and guard the script with if __name__ == '__main__')"
             ) from None
-        return ModelSpec("torch", payload, loss), layout, init
+        return ModelSpec("torch", payload, loss, torch_sparse_names(model)), layout, init
 
     @classmethod
     def hand_back(cls, model, spec, layout, params, data):  # type: ignore[no-untyped-def]
@@ -274,13 +314,23 @@ class TorchBackend(Backend):
         self._loss = self.loss_fn(self.model(torch.from_numpy(x)), torch.from_numpy(y))
         return float(self._loss.detach())
 
-    def backward(self) -> None:
+    def backward(self) -> list[SparseRows]:
         assert self.grad is not None, "backend built without a gradient buffer"
         # backward() accumulates into .grad in place (grad mode is off inside the
-        # engine), so the views stay views; they must start from zero.
-        self.grad.fill(0)
+        # engine), so the views stay views; they must start from zero. Only the dense
+        # ranges: the tables' part of the buffer is never touched.
+        for a, b in self._dense:
+            self.grad[a:b].fill(0)
         self._loss.backward()
         self._loss = None
+        out = []
+        for p, offset, dim in self._tables:
+            g, p.grad = p.grad, None  # the next backward must start from None again
+            if g is None:
+                continue
+            rows, values = coalesce(*torch_rows(g))
+            out.append(SparseRows(offset, dim, rows, values))
+        return out
 
     def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
         torch = self.torch
@@ -309,7 +359,14 @@ class NumpyBackend(Backend):
         self.model = spec.payload
         self.xent = softmax_cross_entropy
         self.params = layout.unflatten(params)
-        self.grads = layout.unflatten(grad) if grad is not None else {}
+        self.sparse = tuple(self.model.sparse_tensors())
+        # The tables' gradients come back as rows: their views are not handed out.
+        grads = layout.unflatten(grad) if grad is not None else {}
+        self.grads = {n: g for n, g in grads.items() if n not in self.sparse}
+        itemsize = layout.dtype.itemsize
+        self._tables = {
+            n: (layout[n].offset // itemsize, int(np.prod(layout[n].shape[1:]))) for n in self.sparse
+        }
         self._pending: Any = None
 
     @classmethod
@@ -324,7 +381,7 @@ class NumpyBackend(Backend):
             raise ValueError("NumPy models have a built-in softmax cross-entropy; do not pass loss")
         init = model.init(np.random.default_rng(seed))
         layout = Layout.from_arrays(init)
-        return ModelSpec("numpy", model), layout, layout.flatten(init)
+        return ModelSpec("numpy", model, sparse=tuple(model.sparse_tensors())), layout, layout.flatten(init)
 
     def forward(self, x: np.ndarray, y: np.ndarray) -> float:
         logits, cache = self.model.forward(self.params, x)
@@ -332,10 +389,16 @@ class NumpyBackend(Backend):
         self._pending = (cache, dlogits)
         return loss
 
-    def backward(self) -> None:
+    def backward(self) -> list[SparseRows]:
         cache, dlogits = self._pending
         self._pending = None
-        self.model.backward(self.params, cache, dlogits, self.grads)
+        rows = self.model.backward(self.params, cache, dlogits, self.grads) or {}
+        out = []
+        for name, (indices, values) in rows.items():
+            offset, dim = self._tables[name]
+            r, v = coalesce(indices, np.asarray(values).reshape(len(indices), dim))
+            out.append(SparseRows(offset, dim, r, v))
+        return out
 
     def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
         return self.model.forward(self.params, x)[0]  # BLAS threads: limited by the caller

@@ -38,8 +38,8 @@ from paramserver.asynchrony import StaleFirst
 from paramserver.config import RunConfig
 from paramserver.data import epoch_orders, shard
 from paramserver.layout import Layout
-from paramserver.optim import Updater
-from paramserver.store import STATUS, Gradient, Segment, Store
+from paramserver.optim import Updater, values_finite
+from paramserver.store import STATUS, Gradient, Segment, Store, row_span
 
 from .backends import Backend, ModelSpec, backend_class
 
@@ -101,6 +101,8 @@ class Task(ABC):
     """The backend whose process settings (threads, seed) the worker applies."""
     samples_taken = 0
     """Samples (RL: environment steps) the last ``forward`` consumed."""
+    sparse: tuple[str, ...] = ()
+    """Tensors whose gradient ``backward`` returns as rows (set by ``start``)."""
 
     @abstractmethod
     def start(self, ctx: Context) -> None:
@@ -229,7 +231,9 @@ def prepare(
     shared_state = config.shared_state and rule.state_slots > 0
     state = store.state if shared_state else np.zeros((rule.state_slots, params.size), params.dtype)
     assert state.shape[0] == rule.state_slots, "the store has the wrong number of state slots"
-    grad = np.zeros_like(params)
+    # np.zeros, not zeros_like: calloc'd pages stay unmapped until written, and the part of
+    # a row-sparse table (never written) must cost no private memory. zeros_like fills.
+    grad = np.zeros(params.shape, params.dtype)
     assert config.lr is not None
     update = Updater(rule, params, grad, state, config.lr)
     schedule = config.lr_schedule_for(max(1, plan.total_updates))
@@ -238,10 +242,21 @@ def prepare(
     row = counters.row(plan.rank)
     if plan.life == 0:
         row.epoch, row.batch = plan.first_epoch, plan.first_batch
+    layout = store.model_layout
     task.start(Context(
-        plan.rank, plan.workers, config, store.model_layout, params, grad,
+        plan.rank, plan.workers, config, layout, params, grad,
         (int(row.epoch), int(row.batch)), int(row.samples),
     ))  # fmt: skip
+    if task.sparse and not rule.supports_rows:
+        raise ValueError(f"{', '.join(task.sparse)} get row gradients; {config.optimizer} cannot update rows")
+    # The dense part of the vector, and each row-sparse table with its state (same offsets).
+    dense = layout.ranges_without(task.sparse) if task.sparse else [(0, params.size)]
+    tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for name in task.sparse:
+        f = layout[name]
+        o = f.offset // params.itemsize
+        shape = (f.shape[0], f.size // f.shape[0])
+        tables[o] = (params[o : o + f.size].reshape(shape), state[:, o : o + f.size].reshape(-1, *shape))
     store.bind(plan.rank)
     if stale_first is not None:
         stale_first.bind(counters.column("urgent"))
@@ -272,10 +287,14 @@ def prepare(
             probe("backward")
         # One cheap pass: the sum of the gradient is finite iff every element is
         # (barring overflow of the sum itself). A bad step must never reach the store.
-        dense = gradient.dense
-        gradient.finite = (
-            gradient.finite and bool(np.isfinite(loss)) and (dense is None or bool(np.isfinite(dense.sum())))
-        )
+        # Only the dense ranges: the tables' part of the buffer is never written.
+        flat = gradient.dense
+        finite = gradient.finite and bool(np.isfinite(loss))
+        if finite and flat is not None:
+            finite = all(np.isfinite(flat[a:b].sum()) for a, b in dense)
+        gradient.finite = finite and all(values_finite(s.values) for s in gradient.sparse)
+        if task.sparse and gradient.ranges is None:
+            gradient.ranges = dense
         if probe is not None:
             probe("check")
         return gradient
@@ -287,6 +306,8 @@ def prepare(
         grad_factor, lr_factor = attenuation.factors(staleness)
         if grad_factor != 1.0:
             np.multiply(grad, np.float32(grad_factor), out=grad)
+            for s in gradient.sparse:
+                np.multiply(s.values, s.values.dtype.type(grad_factor), out=s.values)
         update.lr = schedule(now_version) * lr_factor
         # Adam's bias correction counts the updates made to the state it uses.
         update.t = now_version + 1 if shared_state else local_steps + 1
@@ -303,7 +324,17 @@ def prepare(
         if not applied:  # striped calls apply once per stripe: settle on the first
             applied = True
             settle()
-        update(a, b)
+        if g.dense is not None:
+            for lo, hi in g.ranges or dense:
+                lo, hi = max(lo, a), min(hi, b)
+                if lo < hi:
+                    update(lo, hi)
+        for s in g.sparse:
+            # The rows that start in [a, b): each row is updated under exactly one stripe.
+            i, j = row_span(s, a, b)
+            if j > i:
+                table, table_state = tables[s.offset]
+                rule.apply_rows(table, table_state, s.rows[i:j], s.values[i:j], update.t, update.lr)
 
     stop = store.stop_word()
     parent = plan.parent_pid
@@ -377,6 +408,7 @@ class SupervisedTask(Task):
     def start(self, ctx: Context) -> None:
         cls = backend_class(self.spec.backend)
         self.model = cls(self.spec, ctx.layout, ctx.params, ctx.grad, config=ctx.config, rank=ctx.rank)
+        self.sparse = self.model.sparse
         self.grad = ctx.grad
         self.x, self.y = self.data["x"], self.data["y"]
         lo, self.hi = shard(len(self.x), ctx.rank, ctx.workers)
@@ -407,8 +439,8 @@ class SupervisedTask(Task):
 
     def backward(self) -> Gradient:
         assert self.model is not None
-        self.model.backward()
-        return Gradient(self.grad)
+        rows = self.model.backward() or []
+        return Gradient(self.grad, rows)
 
     def position(self) -> tuple[int, int]:
         return self._position
