@@ -203,6 +203,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _early_signals() -> None:
+    """SIGTERM raises KeyboardInterrupt, SIGUSR1 is ignored (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 COMMANDS = {
     "train": cmd_train, "rl": cmd_rl, "inspect": cmd_inspect, "clean": cmd_clean, "report": cmd_report,
     "bench": cmd_bench,
@@ -212,11 +227,22 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     from .server import WorkerError
     from .store import SegmentError
+    from .supervise import Terminated
 
     parser = build_parser()
     try:
+        # Until a server installs its own handlers (it stops cleanly on SIGTERM and
+        # writes a checkpoint on SIGUSR1): SIGTERM ends like Ctrl-C, SIGUSR1 is ignored
+        # rather than killing a run that is still loading its data.
+        _early_signals()
         args = parser.parse_args(argv)
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("paramserver: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("paramserver: stopped at once by a repeated signal; no results written", file=sys.stderr)
+        return 143
     except (UsageError, ValueError, TypeError, SegmentError) as e:
         print(f"paramserver: error: {e}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ from .layout import Layout
 from .machine import machine_info, usable_cores
 from .progress import Progress
 from .store import TMP_PREFIX, Counters, ShmStore, Store, sweep_stale
-from .supervise import Supervisor, Terminated, run_span
+from .supervise import Supervisor, run_span
 from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
 POLL_SECONDS = 0.1
@@ -276,11 +276,14 @@ class Server(Supervisor):
     def run(self) -> Any:
         """Watch the workers until a stop criterion holds; return the job's result.
 
-        From the main thread it also handles SIGTERM (stops like Ctrl-C, final
-        state written) and SIGUSR1 (writes a checkpoint now).
+        From the main thread, from start-up on (handlers installed on entering the
+        ``with``), SIGTERM and SIGINT stop the run with its results written, and
+        SIGUSR1 writes a checkpoint now (at the next poll once the run is watched).
         """
-        with self._signals({signal.SIGUSR1: self._want_checkpoint}):
-            return self._run()
+        return self._run()
+
+    def _signal_handlers(self) -> dict[int, Callable[[int, Any], None]]:
+        return {signal.SIGUSR1: self._want_checkpoint}
 
     def _run(self) -> Any:
         cfg, job, store = self.config, self.job, self.store
@@ -307,6 +310,9 @@ class Server(Supervisor):
         last_ckpt_version = store.version()
         try:
             while True:
+                if self.stop_signal is not None:
+                    reason = self.stop_signal
+                    break
                 time.sleep(poll)
                 self._supervise()
                 if self.t0 is None:
@@ -350,10 +356,6 @@ class Server(Supervisor):
                 if stop is not None:
                     reason = stop
                     break
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        except Terminated:
-            reason = "terminated"
         finally:
             store.request_stop()
             progress.close()

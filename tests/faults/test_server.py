@@ -125,3 +125,69 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message
     assert message in lines[0]
     assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
     assert not tmp_dirs_of(proc.pid)
+
+
+def wait_for_tmp_dir(proc: subprocess.Popen) -> None:
+    """Until the server made its private directory: its segments exist, it is starting."""
+    deadline = time.monotonic() + 60
+    while not tmp_dirs_of(proc.pid):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"the server did not start: {proc.communicate(timeout=10)}")
+        time.sleep(0.01)
+
+
+def assert_left_nothing(proc: subprocess.Popen) -> None:
+    assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
+    assert not tmp_dirs_of(proc.pid)
+
+
+@pytest.mark.parametrize("sig, reason", [(signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupted")])
+def test_a_second_signal_while_stopping_does_not_lose_the_results(tmp_path, sig, reason):
+    out = tmp_path / "runs"
+    proc = start_training(out)
+    proc.send_signal(sig)
+    time.sleep(0.1)  # the stop has begun: joining workers, writing results
+    proc.send_signal(sig)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert f"stopped by {reason}" in stdout
+    run = only_run_dir(out)
+    assert json.loads((run / "results.json").read_text())["result"]["stop_reason"] == reason
+    assert load_checkpoint(str(run)).version > 0
+    assert_left_nothing(proc)
+
+
+def test_a_third_signal_forces_a_fast_exit_that_leaves_nothing(tmp_path):
+    proc = start_training(tmp_path / "runs")
+    for _ in range(3):
+        proc.send_signal(signal.SIGTERM)
+    _, stderr = finish(proc)
+    assert proc.returncode in (0, 143), stderr  # 0 if the stop was done before the third
+    assert "Traceback" not in stderr
+    assert_left_nothing(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_during_start_up_is_handled(tmp_path, sig):
+    # Once the private directory exists the segments do too, and the workers may not
+    # have been spawned yet. SIGTERM/SIGINT stop the run with its results; SIGUSR1 (the
+    # checkpoint trigger) must not kill it: it trains on until the SIGTERM that follows.
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [*TRAIN, "--epochs", "100000", "--out-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for_tmp_dir(proc)
+    proc.send_signal(sig)
+    if sig == signal.SIGUSR1:
+        time.sleep(1.0)
+        assert proc.poll() is None, finish(proc)
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "stopped by" in stdout
+    assert (only_run_dir(out) / "results.json").exists()
+    assert_left_nothing(proc)
