@@ -26,10 +26,10 @@ import json
 import math
 import multiprocessing as mp
 import os
+import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -46,7 +46,7 @@ from .data import Dataset, shard, share_training_data
 from .layout import Layout
 from .machine import machine_info, usable_cores
 from .progress import Progress
-from .store import TMP_PREFIX, Counters, ShmStore, Store, sweep_stale
+from .store import PREFIX, Counters, ShmStore, Store, make_private_dir, semaphore_names, sweep_stale
 from .supervise import Supervisor, run_span
 from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
@@ -136,6 +136,8 @@ class Server(Supervisor):
     """
 
     _tmpdir: str | None = None
+    _tmp_lock: int | None = None
+    _sem_locks: list[int] = []  # noqa: RUF012 (a class-level default for close() after a failed start)
 
     def __init__(self, job: Job, config: RunConfig, *, store_factory: Callable[..., Store] | None = None):
         super().__init__(config)
@@ -197,20 +199,22 @@ class Server(Supervisor):
                 store.state[...] = ckpt.state
             store.set_base_version(ckpt.version)
         job.prepare(self)
-        # Named after this process, so that `paramserver clean` can remove it if we are killed.
-        self._tmpdir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+        # Named after this process and locked while it runs, so that `paramserver clean`
+        # can remove it if we are killed.
+        self._tmpdir, self._tmp_lock = make_private_dir()
         task = job.task(self)
 
         # spawn, not fork: TensorFlow hangs after fork, and an OpenMP pool in this
         # process can hang forked children. A context, not set_start_method().
         ctx = mp.get_context("spawn")
-        store.prepare(ctx, cfg)  # the store's consistency rule: its locking policy
-        if cfg.stale_first:
-            self.stale_first = StaleFirst(ctx, cfg.stale_first)
-        # Workers start their first step together, once every one has built its model:
-        # spawning and importing take long enough that staggered starts would skew
-        # every figure of the first second.
-        self.start_barrier = ctx.Barrier(cfg.workers)
+        with semaphore_names(f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}") as self._sem_locks:
+            store.prepare(ctx, cfg)  # the store's consistency rule: its locking policy
+            if cfg.stale_first:
+                self.stale_first = StaleFirst(ctx, cfg.stale_first)
+            # Workers start their first step together, once every one has built its model:
+            # spawning and importing take long enough that staggered starts would skew
+            # every figure of the first second.
+            self.start_barrier = ctx.Barrier(cfg.workers)
         cores = usable_cores()
         threads = cfg.threads_per_worker(len(cores))
         pin = cfg.pins(len(cores))
@@ -241,9 +245,17 @@ class Server(Supervisor):
         """Stop and join every worker, then unlink the segments and remove the private
         directory. Safe to call twice."""
         super().close()
+        # The semaphores are unlinked when their objects are collected: drop ours now.
+        self.start_barrier = self.stale_first = None
+        for fd in self._sem_locks:
+            os.close(fd)
+        self._sem_locks = []
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+        if self._tmp_lock is not None:
+            os.close(self._tmp_lock)
+            self._tmp_lock = None
 
     def _restarted(self, ranks: list[int]) -> None:
         if self.stale_first is not None:  # a gate may be waiting for a worker that died
