@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import time
 import typing
@@ -25,6 +26,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import TrainJob
+
+USER_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+    errno.ENAMETOOLONG, errno.EINVAL, errno.ENOENT,
+})  # fmt: skip
+"""OS errors a user's input or machine causes (and can fix): one line, exit 2."""
 
 
 class UsageError(Exception):
@@ -105,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = dataclasses.replace(job)  # a TrainJob is a TrainConfig
     result = train(model, dataset, config)
     print(result.summary())
-    return 0
+    return 1 if result.stop_reason == "diverged" else 0  # no usable model
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
@@ -245,6 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 143
     except (UsageError, ValueError, TypeError, SegmentError) as e:
         print(f"paramserver: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        # Out of shared memory, a path the user named that cannot be written: the
+        # message says what to do; a traceback would only hide it.
+        print(f"paramserver: error: {e.strerror if e.filename is None else e}", file=sys.stderr)
         return 2
     except WorkerError as e:
         print(f"paramserver: {e}", file=sys.stderr)

@@ -30,6 +30,7 @@ import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -54,6 +55,9 @@ POLL_SECONDS = 0.1
 FAST_POLL_SECONDS = 0.005
 """Polling interval when evaluations are due every so many updates."""
 METRICS_EVERY = 0.5
+DIVERGED_STEPS, DIVERGED_RATIO = 100, 10
+"""A run has diverged once this many steps, and this many times the finite ones, were
+non-finite (a worker with a bad batch now and then is not a diverged run)."""
 TRAIN_EVAL_SAMPLES = 2048
 """Training samples the server scores for ``target_train_accuracy``."""
 
@@ -163,6 +167,20 @@ class Server(Supervisor):
         """The checkpoint, once it is known to fit this model and update rule."""
         cfg, layout = self.config, self.job.layout
         if ckpt.layout.fingerprint != layout.fingerprint:
+            # Equal counts can still differ (names, shapes, dtypes): say where.
+            differ = next(
+                (
+                    f"tensor {a.name!r} is {a.shape} {a.dtype} there, {b.name!r} {b.shape} {b.dtype} here"
+                    for a, b in zip(ckpt.layout, layout, strict=False)
+                    if (a.name, a.shape, a.dtype) != (b.name, b.shape, b.dtype)
+                ),
+                None,
+            )
+            if differ is not None and len(ckpt.layout) == len(layout):
+                raise ValueError(
+                    f"checkpoint {cfg.resume!r} does not match the model: {differ}; "
+                    "resume with the model it was trained with"
+                )
             raise ValueError(
                 f"checkpoint {cfg.resume!r} does not match the model: it holds "
                 f"{len(ckpt.layout)} tensors / {ckpt.layout.num_params} parameters, the model has "
@@ -184,6 +202,8 @@ class Server(Supervisor):
 
         cfg, job = self.config, self.job
         self.started = time.time()
+        if cfg.out_dir:  # before anything is spawned: finding out at the end loses the run
+            check_writable_dir(cfg.out_dir, "out_dir")
         sweep_stale()
         slots = cfg.update_rule().state_slots if cfg.shared_state else 0
         meta = {"config": cfg.to_dict(), "server_pid": os.getpid(), "backend": job.backend, "job": job.kind}
@@ -356,13 +376,16 @@ class Server(Supervisor):
                     last_ckpt_time, last_ckpt_version = now, version
                     self.checkpoint()
                 if rows.all_done():
-                    reason = job.done_reason()
+                    reason = "diverged" if self._diverged() else job.done_reason()
                     break
                 if cfg.max_seconds and elapsed >= cfg.max_seconds:
                     reason = "time"
                     break
                 if cfg.on_nonfinite == "stop" and rows.column("nonfinite").any():
                     reason = "nonfinite"
+                    break
+                if self._diverged():
+                    reason = "diverged"
                     break
                 stop = job.poll(self, elapsed, rows)
                 if stop is not None:
@@ -382,6 +405,24 @@ class Server(Supervisor):
             result.checkpoint = self.checkpoint()
             job.write(self, result)
         return result
+
+    def _diverged(self) -> bool:
+        """Whether the parameters hold a NaN or Inf, or nearly every step was non-finite
+        (said once, on stderr)."""
+        # Finite gradients can still overflow the parameters, or leave them finite but so
+        # large that every later loss is non-finite (a huge learning rate): each step is
+        # then skipped and the run would look healthy. float64: a sum of float32 values
+        # cannot overflow it.
+        rows = self.store.counters
+        bad, good = int(rows.column("nonfinite").sum()), int(rows.column("steps").sum())
+        if not np.isfinite(self.store.params.sum(dtype=np.float64)):
+            what = f"the parameters became non-finite after {self.store.version()} updates"
+        elif bad >= DIVERGED_STEPS and bad >= DIVERGED_RATIO * good:
+            what = f"{bad} of {bad + good} steps were non-finite and skipped"
+        else:
+            return False
+        note(f"{what} (learning rate {self.config.lr:g} too high?); the run was stopped")
+        return True
 
     def span(self) -> tuple[float, float]:
         """``time.time()`` when the first worker began and when the last one finished."""
@@ -735,6 +776,19 @@ def new_run_dir(out_dir: str, name: str) -> str:
         path = f"{base}-{i}"
     os.makedirs(path)
     return path
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """Create ``path`` if need be and prove a file can be written there, or raise
+    ValueError naming ``what``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{what} {path!r} is not a writable directory ({e.strerror}); pass another"
+        ) from None
 
 
 def write_json(path: str, doc: Any) -> None:

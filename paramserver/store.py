@@ -50,6 +50,10 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIQQ32sI")  # magic, version, body offset, body size, fingerprint, json length
 assert _HEADER.size <= ALIGN
 SHM_DIR = "/dev/shm"
+SHM_RESERVE = 256 * 1024
+"""Room left in /dev/shm after every segment: the run's semaphores (a page each) and
+multiprocessing's shared heap (the start barrier's counters) live there too, in sparse
+files that kill the process with SIGBUS, not an error, when a page cannot be had."""
 
 # Names this process created. Its resource tracker holds them until unlink(), so an
 # attach from this same process must not unregister them (see Segment.attach).
@@ -129,10 +133,11 @@ class Segment:
         body = align_up(_HEADER.size + len(blob))
         size = body + max(layout.nbytes, 1)
         free = shm_free_bytes()
-        if size > free:
+        if size + SHM_RESERVE > free:
             raise OSError(
                 errno.ENOSPC,
-                f"shared memory needs {_format_bytes(size)} but {SHM_DIR} has "
+                f"shared memory needs {_format_bytes(size)} (and {_format_bytes(SHM_RESERVE)} "
+                f"for the run's locks) but {SHM_DIR} has "
                 f"{_format_bytes(free)} free; free space there (paramserver clean removes "
                 "stale segments) or enlarge it (docker run --shm-size=...)",
             )
@@ -175,6 +180,8 @@ class Segment:
                 f"no shared-memory segment named {name!r}: the run has ended or the name "
                 "is wrong; `paramserver inspect` lists the live ones"
             ) from None
+        except OSError as e:  # another user's (EACCES), a '/' or an over-long name (EINVAL)
+            raise SegmentError(f"cannot open segment {name!r}: {e.strerror or e}") from None
         if not _is_multiprocessing_child() and name not in _created_here:
             # This process has a resource tracker of its own, which would unlink the
             # segment when we exit (CPython gh-82300). A multiprocessing child shares
