@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import time
 import typing
@@ -25,6 +26,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import TrainJob
+
+USER_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+    errno.ENAMETOOLONG, errno.EINVAL, errno.ENOENT,
+})  # fmt: skip
+"""OS errors a user's input or machine causes (and can fix): one line, exit 2."""
 
 
 class UsageError(Exception):
@@ -107,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = dataclasses.replace(job)  # a TrainJob is a TrainConfig
     result = train(model, dataset, config)
     print(result.summary())
-    return 0
+    return 1 if result.stop_reason == "diverged" else 0  # no usable model
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
@@ -205,6 +212,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _early_signals() -> None:
+    """SIGTERM raises KeyboardInterrupt, SIGUSR1 is ignored (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 COMMANDS = {
     "train": cmd_train, "rl": cmd_rl, "inspect": cmd_inspect, "clean": cmd_clean, "report": cmd_report,
     "bench": cmd_bench,
@@ -214,13 +236,31 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     from .server import WorkerError
     from .store import SegmentError
+    from .supervise import Terminated
 
     parser = build_parser()
     try:
+        # Until a server installs its own handlers (it stops cleanly on SIGTERM and
+        # writes a checkpoint on SIGUSR1): SIGTERM ends like Ctrl-C, SIGUSR1 is ignored
+        # rather than killing a run that is still loading its data.
+        _early_signals()
         args = parser.parse_args(argv)
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("paramserver: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("paramserver: stopped at once by a repeated signal; no results written", file=sys.stderr)
+        return 143
     except (UsageError, ValueError, TypeError, SegmentError) as e:
         print(f"paramserver: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        # Out of shared memory, a path the user named that cannot be written: the
+        # message says what to do; a traceback would only hide it.
+        print(f"paramserver: error: {e.strerror if e.filename is None else e}", file=sys.stderr)
         return 2
     except WorkerError as e:
         print(f"paramserver: {e}", file=sys.stderr)

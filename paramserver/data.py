@@ -56,7 +56,14 @@ def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.n
         raise ValueError(f"{what}: no samples")
     if x.dtype.kind not in "biuf":
         raise TypeError(f"{what}: x must be numeric, got dtype {x.dtype}")
-    if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
+    if y.dtype.kind == "f":
+        bad = np.flatnonzero(y != np.round(y))  # NaN included
+        if len(bad):
+            raise TypeError(
+                f"{what}: y must hold integer class labels, found {float(y[bad[0]])} (sample {bad[0]}); "
+                "relabel the classes as 0..classes-1"
+            )
+    elif y.dtype.kind not in "iu":
         raise TypeError(f"{what}: y must hold integer class labels, got dtype {y.dtype}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{what}: x contains NaN or Inf")
@@ -86,6 +93,10 @@ def make_dataset(
     The training split is shuffled (with ``seed``) so that contiguous batches mix classes.
     """
     x, y = _check_xy(x, y, "training data")
+    # Labels are checked before any split, and named as the caller gave them: a bad label
+    # in y must not be reported as one of the "test labels" a split happened to draw.
+    if x_test is None and y_test is None:
+        _check_labels(y, "y: training labels", int(y.max()) + 1 if classes is None else classes)
     rng = np.random.default_rng(seed)
     if x_test is None and y_test is None:
         order = rng.permutation(len(x))
@@ -104,13 +115,31 @@ def make_dataset(
         x, y = x[order], y[order]
     if classes is None:
         classes = int(max(y.max(), y_test.max())) + 1
-    for arr, what in ((y, "training"), (y_test, "test")):
-        if arr.min() < 0 or arr.max() >= classes:
+        samples = len(y) + len(y_test)
+        if classes > max(MAX_SPARSE_CLASSES, samples):
+            # Labels 0..classes-1 with most classes never seen: a typo or a bad column,
+            # and every model's output layer would be sized by it.
+            label = int(max(y.max(), y_test.max()))
             raise ValueError(
-                f"{what} labels must be in [0, {classes}), found {arr.min()}..{arr.max()}; "
+                f"label {label} implies {classes} classes, but the data has only {samples} samples; "
                 "relabel the classes as 0..classes-1"
             )
+    for arr, what in ((y, "y: training labels"), (y_test, "y_test: test labels")):
+        _check_labels(arr, what, classes)
     return Dataset(np.ascontiguousarray(x), np.ascontiguousarray(y), x_test, y_test, classes, name)
+
+
+MAX_SPARSE_CLASSES = 1000
+"""Inferred classes beyond the number of samples are allowed up to this many."""
+
+
+def _check_labels(y: np.ndarray, what: str, classes: int | None) -> None:
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or (classes is not None and high >= classes):
+        bound = f"[0, {classes})" if classes is not None else ">= 0"
+        raise ValueError(
+            f"{what} must be in {bound}, found {low}..{high}; relabel the classes as 0..classes-1"
+        )
 
 
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -124,8 +153,18 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 def load_npz(path: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """A ``.npz`` with arrays ``x`` and ``y`` (and optionally ``x_test``, ``y_test``)."""
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path!r} is a directory; pass 'digits' or a .npz file")
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist; pass 'digits' or a .npz path")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head.startswith(b"PK") and head != b"\x93NUMPY":
+        # np.load would call any other bytes "pickled data" and suggest allow_pickle.
+        raise ValueError(
+            f"{path!r} is not a NumPy .npz file (empty, text or other bytes); "
+            "save it with np.savez(path, x=x, y=y)"
+        )
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:

@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -46,14 +47,17 @@ from .data import Dataset, shard, share_training_data
 from .layout import Layout
 from .machine import machine_info, usable_cores
 from .progress import Progress
-from .store import TMP_PREFIX, Counters, ShmStore, Store, staleness, sweep_stale
-from .supervise import Supervisor, Terminated, run_span
+from .store import PREFIX, Counters, ShmStore, Store, make_private_dir, semaphore_names, staleness, sweep_stale
+from .supervise import Supervisor, run_span
 from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
 POLL_SECONDS = 0.1
 FAST_POLL_SECONDS = 0.005
 """Polling interval when evaluations are due every so many updates."""
 METRICS_EVERY = 0.5
+DIVERGED_STEPS, DIVERGED_RATIO = 100, 10
+"""A run has diverged once this many steps, and this many times the finite ones, were
+non-finite (a worker with a bad batch now and then is not a diverged run)."""
 TRAIN_EVAL_SAMPLES = 2048
 """Training samples the server scores for ``target_train_accuracy``."""
 
@@ -136,6 +140,8 @@ class Server(Supervisor):
     """
 
     _tmpdir: str | None = None
+    _tmp_lock: int | None = None
+    _sem_locks: list[int] = []  # noqa: RUF012 (a class-level default for close() after a failed start)
 
     def __init__(self, job: Job, config: RunConfig, *, store_factory: Callable[..., Store] | None = None):
         super().__init__(config)
@@ -161,6 +167,20 @@ class Server(Supervisor):
         """The checkpoint, once it is known to fit this model and update rule."""
         cfg, layout = self.config, self.job.layout
         if ckpt.layout.fingerprint != layout.fingerprint:
+            # Equal counts can still differ (names, shapes, dtypes): say where.
+            differ = next(
+                (
+                    f"tensor {a.name!r} is {a.shape} {a.dtype} there, {b.name!r} {b.shape} {b.dtype} here"
+                    for a, b in zip(ckpt.layout, layout, strict=False)
+                    if (a.name, a.shape, a.dtype) != (b.name, b.shape, b.dtype)
+                ),
+                None,
+            )
+            if differ is not None and len(ckpt.layout) == len(layout):
+                raise ValueError(
+                    f"checkpoint {cfg.resume!r} does not match the model: {differ}; "
+                    "resume with the model it was trained with"
+                )
             raise ValueError(
                 f"checkpoint {cfg.resume!r} does not match the model: it holds "
                 f"{len(ckpt.layout)} tensors / {ckpt.layout.num_params} parameters, the model has "
@@ -182,6 +202,8 @@ class Server(Supervisor):
 
         cfg, job = self.config, self.job
         self.started = time.time()
+        if cfg.out_dir:  # before anything is spawned: finding out at the end loses the run
+            check_writable_dir(cfg.out_dir, "out_dir")
         sweep_stale()
         slots = cfg.update_rule().state_slots if cfg.shared_state else 0
         meta = {"config": cfg.to_dict(), "server_pid": os.getpid(), "backend": job.backend, "job": job.kind}
@@ -197,20 +219,22 @@ class Server(Supervisor):
                 store.state[...] = ckpt.state
             store.set_base_version(ckpt.version)
         job.prepare(self)
-        # Named after this process, so that `paramserver clean` can remove it if we are killed.
-        self._tmpdir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+        # Named after this process and locked while it runs, so that `paramserver clean`
+        # can remove it if we are killed.
+        self._tmpdir, self._tmp_lock = make_private_dir()
         task = job.task(self)
 
         # spawn, not fork: TensorFlow hangs after fork, and an OpenMP pool in this
         # process can hang forked children. A context, not set_start_method().
         ctx = mp.get_context("spawn")
-        store.prepare(ctx, cfg)  # the store's consistency rule: its locking policy
-        if cfg.stale_first:
-            self.stale_first = StaleFirst(ctx, cfg.stale_first)
-        # Workers start their first step together, once every one has built its model:
-        # spawning and importing take long enough that staggered starts would skew
-        # every figure of the first second.
-        self.start_barrier = ctx.Barrier(cfg.workers)
+        with semaphore_names(f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}") as self._sem_locks:
+            store.prepare(ctx, cfg)  # the store's consistency rule: its locking policy
+            if cfg.stale_first:
+                self.stale_first = StaleFirst(ctx, cfg.stale_first)
+            # Workers start their first step together, once every one has built its model:
+            # spawning and importing take long enough that staggered starts would skew
+            # every figure of the first second.
+            self.start_barrier = ctx.Barrier(cfg.workers)
         cores = usable_cores()
         threads = cfg.threads_per_worker(len(cores))
         pin = cfg.pins(len(cores))
@@ -241,9 +265,17 @@ class Server(Supervisor):
         """Stop and join every worker, then unlink the segments and remove the private
         directory. Safe to call twice."""
         super().close()
+        # The semaphores are unlinked when their objects are collected: drop ours now.
+        self.start_barrier = self.stale_first = None
+        for fd in self._sem_locks:
+            os.close(fd)
+        self._sem_locks = []
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+        if self._tmp_lock is not None:
+            os.close(self._tmp_lock)
+            self._tmp_lock = None
 
     def _restarted(self, ranks: list[int]) -> None:
         if self.stale_first is not None:  # a gate may be waiting for a worker that died
@@ -276,11 +308,14 @@ class Server(Supervisor):
     def run(self) -> Any:
         """Watch the workers until a stop criterion holds; return the job's result.
 
-        From the main thread it also handles SIGTERM (stops like Ctrl-C, final
-        state written) and SIGUSR1 (writes a checkpoint now).
+        From the main thread, from start-up on (handlers installed on entering the
+        ``with``), SIGTERM and SIGINT stop the run with its results written, and
+        SIGUSR1 writes a checkpoint now (at the next poll once the run is watched).
         """
-        with self._signals({signal.SIGUSR1: self._want_checkpoint}):
-            return self._run()
+        return self._run()
+
+    def _signal_handlers(self) -> dict[int, Callable[[int, Any], None]]:
+        return {signal.SIGUSR1: self._want_checkpoint}
 
     def _run(self) -> Any:
         cfg, job, store = self.config, self.job, self.store
@@ -307,6 +342,9 @@ class Server(Supervisor):
         last_ckpt_version = store.version()
         try:
             while True:
+                if self.stop_signal is not None:
+                    reason = self.stop_signal
+                    break
                 time.sleep(poll)
                 self._supervise()
                 if self.t0 is None:
@@ -338,7 +376,7 @@ class Server(Supervisor):
                     last_ckpt_time, last_ckpt_version = now, version
                     self.checkpoint()
                 if rows.all_done():
-                    reason = job.done_reason()
+                    reason = "diverged" if self._diverged() else job.done_reason()
                     break
                 if cfg.max_seconds and elapsed >= cfg.max_seconds:
                     reason = "time"
@@ -346,14 +384,13 @@ class Server(Supervisor):
                 if cfg.on_nonfinite == "stop" and rows.column("nonfinite").any():
                     reason = "nonfinite"
                     break
+                if self._diverged():
+                    reason = "diverged"
+                    break
                 stop = job.poll(self, elapsed, rows)
                 if stop is not None:
                     reason = stop
                     break
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        except Terminated:
-            reason = "terminated"
         finally:
             store.request_stop()
             progress.close()
@@ -368,6 +405,24 @@ class Server(Supervisor):
             result.checkpoint = self.checkpoint()
             job.write(self, result)
         return result
+
+    def _diverged(self) -> bool:
+        """Whether the parameters hold a NaN or Inf, or nearly every step was non-finite
+        (said once, on stderr)."""
+        # Finite gradients can still overflow the parameters, or leave them finite but so
+        # large that every later loss is non-finite (a huge learning rate): each step is
+        # then skipped and the run would look healthy. float64: a sum of float32 values
+        # cannot overflow it.
+        rows = self.store.counters
+        bad, good = int(rows.column("nonfinite").sum()), int(rows.column("steps").sum())
+        if not np.isfinite(self.store.params.sum(dtype=np.float64)):
+            what = f"the parameters became non-finite after {self.store.version()} updates"
+        elif bad >= DIVERGED_STEPS and bad >= DIVERGED_RATIO * good:
+            what = f"{bad} of {bad + good} steps were non-finite and skipped"
+        else:
+            return False
+        note(f"{what} (learning rate {self.config.lr:g} too high?); the run was stopped")
+        return True
 
     def span(self) -> tuple[float, float]:
         """``time.time()`` when the first worker began and when the last one finished."""
@@ -721,6 +776,19 @@ def new_run_dir(out_dir: str, name: str) -> str:
         path = f"{base}-{i}"
     os.makedirs(path)
     return path
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """Create ``path`` if need be and prove a file can be written there, or raise
+    ValueError naming ``what``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{what} {path!r} is not a writable directory ({e.strerror}); pass another"
+        ) from None
 
 
 def write_json(path: str, doc: Any) -> None:

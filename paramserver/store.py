@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import glob
 import json
 import multiprocessing
 import os
@@ -28,7 +30,7 @@ import struct
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -48,6 +50,10 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIQQ32sI")  # magic, version, body offset, body size, fingerprint, json length
 assert _HEADER.size <= ALIGN
 SHM_DIR = "/dev/shm"
+SHM_RESERVE = 256 * 1024
+"""Room left in /dev/shm after every segment: the run's semaphores (a page each) and
+multiprocessing's shared heap (the start barrier's counters) live there too, in sparse
+files that kill the process with SIGBUS, not an error, when a page cannot be had."""
 
 # Names this process created. Its resource tracker holds them until unlink(), so an
 # attach from this same process must not unregister them (see Segment.attach).
@@ -127,10 +133,11 @@ class Segment:
         body = align_up(_HEADER.size + len(blob))
         size = body + max(layout.nbytes, 1)
         free = shm_free_bytes()
-        if size > free:
+        if size + SHM_RESERVE > free:
             raise OSError(
                 errno.ENOSPC,
-                f"shared memory needs {_format_bytes(size)} but {SHM_DIR} has "
+                f"shared memory needs {_format_bytes(size)} (and {_format_bytes(SHM_RESERVE)} "
+                f"for the run's locks) but {SHM_DIR} has "
                 f"{_format_bytes(free)} free; free space there (paramserver clean removes "
                 "stale segments) or enlarge it (docker run --shm-size=...)",
             )
@@ -143,6 +150,10 @@ class Segment:
                 layout.fingerprint.encode(), len(blob),
             )  # fmt: skip
             shm.buf[_HEADER.size : _HEADER.size + len(blob)] = blob
+            # Held as long as the creator has the segment open (the kernel drops it when
+            # the process dies): what tells `clean` a live run from a dead one, also
+            # across PID namespaces, where the pid in the name means nothing.
+            fcntl.flock(shm._fd, fcntl.LOCK_SH)  # type: ignore[attr-defined]
             seg = cls(shm, layout, meta, owner=True)
             _created_here.add(shm.name)
             return seg
@@ -169,6 +180,8 @@ class Segment:
                 f"no shared-memory segment named {name!r}: the run has ended or the name "
                 "is wrong; `paramserver inspect` lists the live ones"
             ) from None
+        except OSError as e:  # another user's (EACCES), a '/' or an over-long name (EINVAL)
+            raise SegmentError(f"cannot open segment {name!r}: {e.strerror or e}") from None
         if not _is_multiprocessing_child() and name not in _created_here:
             # This process has a resource tracker of its own, which would unlink the
             # segment when we exit (CPython gh-82300). A multiprocessing child shares
@@ -732,6 +745,9 @@ class ShmStore(Segment, Store):
 
     def close(self) -> None:
         self._counters = None
+        # Its locks' names are unlinked when the last reference goes: let them go now,
+        # not whenever a reference cycle through this handle is collected.
+        self.policy = None
         Segment.close(self)
 
 
@@ -739,38 +755,114 @@ ParamStore = ShmStore
 """The name of :class:`ShmStore` before the Store interface existed."""
 
 
-def list_segments() -> list[tuple[str, int | None, bool]]:
-    """This project's segments in /dev/shm: (name, creator pid, creator alive)."""
+SEM_PREFIX = "sem."
+"""POSIX named semaphores live in /dev/shm as ``sem.<name>``; a run names its own
+``psrv_<pid>_<random>...`` (:func:`semaphore_names`), so they are swept like segments."""
+
+
+def held_by_a_live_process(path: str) -> bool:
+    """Whether some process holds a lock on the file at ``path`` (a live creator)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell (another user's): keep it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _creator_alive(pid: int | None, lock_path: str) -> bool:
+    # The pid alone would call a run in another PID namespace dead (its pids mean
+    # nothing here); the lock its creator holds would call a segment dead in the instant
+    # between its creation and the lock. Alive if either says so.
     import psutil
 
+    return (pid is not None and psutil.pid_exists(pid)) or held_by_a_live_process(lock_path)
+
+
+def _pid_in(name: str, prefix: str, sep: str) -> int | None:
+    pid_text = name[len(prefix) :].split(sep, 1)[0]
+    return int(pid_text) if pid_text.isdigit() else None
+
+
+def list_segments() -> list[tuple[str, int | None, bool]]:
+    """This project's segments (and semaphores, ``sem.psrv_...``) in /dev/shm:
+    (name, creator pid, creator alive)."""
     out = []
     try:
         names = sorted(os.listdir(SHM_DIR))
     except FileNotFoundError:
         return []
     for name in names:
-        if not name.startswith(PREFIX):
+        bare = name[len(SEM_PREFIX) :] if name.startswith(SEM_PREFIX) else name
+        if not bare.startswith(PREFIX):
             continue
-        pid_text = name[len(PREFIX) :].split("_", 1)[0]
-        pid = int(pid_text) if pid_text.isdigit() else None
-        alive = pid is not None and psutil.pid_exists(pid)
-        out.append((name, pid, alive))
+        pid = _pid_in(bare, PREFIX, "_")
+        out.append((name, pid, _creator_alive(pid, os.path.join(SHM_DIR, name))))
     return out
+
+
+@contextlib.contextmanager
+def semaphore_names(run: str) -> Iterator[list[int]]:
+    """Semaphores created in the block are named ``/<run>-<n>`` (``run`` starts with
+    :data:`PREFIX` and the creator's pid); yields a list that receives, on leaving the
+    block, one open descriptor per semaphore, locked (close them when the semaphores go).
+
+    multiprocessing names a semaphore with ``SemLock._make_name()`` (checked on CPython
+    3.10-3.13; joblib's loky replaces it process-wide with ``/loky-<pid>-...``; there is
+    no public way to name a semaphore), so that is replaced for the block and put back
+    after. Without our prefix a run killed together with its resource tracker (a
+    process-group SIGKILL) leaves its semaphores in /dev/shm for ever.
+    """
+    from multiprocessing import synchronize
+
+    counter = iter(range(1 << 62))
+    saved = synchronize.SemLock.__dict__["_make_name"]
+    synchronize.SemLock._make_name = staticmethod(lambda: f"/{run}-{next(counter)}")  # type: ignore[method-assign]
+    fds: list[int] = []
+    try:
+        yield fds
+    finally:
+        synchronize.SemLock._make_name = saved  # type: ignore[method-assign]
+        for path in glob.glob(os.path.join(SHM_DIR, f"{SEM_PREFIX}{run}-*")):
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                fds.append(fd)
 
 
 TMP_PREFIX = "paramserver-"
 """A server's private temporary directory is ``<tmp>/paramserver-<pid>-<random>``."""
 
 
+LOCK_FILE = "lock"
+"""A server holds a lock on this file in its private directory while it runs."""
+
+
+def make_private_dir() -> tuple[str, int]:
+    """A server's private directory ``<tmp>/paramserver-<pid>-<random>`` and an open,
+    locked descriptor of its lock file (closing it marks the directory stale)."""
+    path = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return path, fd
+
+
 def sweep_stale() -> list[str]:
-    """Unlink this project's segments (and private temporary directories) whose
-    creator is dead; return their names.
+    """Unlink this project's segments and semaphores (and private temporary directories)
+    whose creator is dead; return their names.
 
-    A live creator's segments are never touched (a reused pid errs on the side
-    of keeping a segment).
+    Dead means: no process holds the lock its creator took, and its pid is not
+    alive here (a reused pid errs on the side of keeping it).
     """
-    import psutil
-
     removed = []
     for name, _pid, alive in list_segments():
         if alive:
@@ -790,9 +882,9 @@ def sweep_stale() -> list[str]:
     for entry in entries:
         if not entry.startswith(TMP_PREFIX):
             continue
-        pid_text = entry[len(TMP_PREFIX) :].split("-", 1)[0]
         path = os.path.join(tmp, entry)
-        if not pid_text.isdigit() or psutil.pid_exists(int(pid_text)):
+        pid = _pid_in(entry, TMP_PREFIX, "-")
+        if pid is None or _creator_alive(pid, os.path.join(path, LOCK_FILE)):
             continue
         try:
             if os.stat(path).st_uid != os.getuid():

@@ -13,7 +13,8 @@ worker processes live is written once, here:
   are given back first (:meth:`Store.recover`). A worker that raised a Python
   exception is not restarted (the same code would raise again): the run stops
   with a :class:`WorkerError`;
-- signals: SIGTERM stops a run like Ctrl-C (:class:`Terminated`);
+- signals: from start-up on, SIGTERM and SIGINT stop a run cleanly (results
+  written; a second is ignored, a third gives up the results, :class:`Terminated`);
 - stop: the ``stop`` control word, a join with a deadline, SIGKILL for a worker
   that did not stop in time; then every segment is unlinked and closed.
 """
@@ -36,6 +37,10 @@ from .store import STATUS
 
 JOIN_TIMEOUT = 10.0
 """Seconds the workers get to stop on their own before they are killed."""
+START_GRACE = 10.0
+"""Seconds a worker may take to start (spawn, imports, model) before it counts as hung,
+when ``hang_timeout`` is shorter: importing a framework on a loaded machine takes
+seconds, and ``hang_timeout`` is sized for one step."""
 
 Launch = Callable[[int, int], mp.process.BaseProcess]
 """``launch(rank, life)`` starts worker ``rank``: life 0 at first, n at its n-th restart."""
@@ -46,7 +51,13 @@ class WorkerError(RuntimeError):
 
 
 class Terminated(Exception):
-    """SIGTERM reached the server: stop like Ctrl-C."""
+    """A third SIGTERM or SIGINT reached the server while it was stopping: stop at once,
+    without results (resources are still released)."""
+
+
+FORCE_AFTER = 3
+"""The signal (SIGTERM or SIGINT) that gives up a clean stop: the first stops the run,
+the second is ignored (results and checkpoint are being written), the third forces an exit."""
 
 
 @contextlib.contextmanager
@@ -99,21 +110,35 @@ class Supervisor:
         """Workers restarted in this run."""
         self._segments: list[Any] = []
         self._launch: Launch | None = None
+        self._launched: list[float] = []
+        """time.time() when each rank's current process was started."""
+        self.stop_signal: str | None = None
+        """"terminated" or "interrupted" once SIGTERM or SIGINT asked the run to stop."""
+        self._signals_heard = 0
+        self._closing = False
+        self._restore_signals: Callable[[], None] = lambda: None
 
     def start(self) -> None:
         """Create the segments, the policy and the barrier; start the workers."""
         raise NotImplementedError
 
     def __enter__(self) -> Any:
+        # Handlers first: a signal during start-up (before the watch) must stop the run
+        # cleanly, not kill it by the default action with segments half-written.
+        self._restore_signals = self._install_signals()
         try:
             self.start()
         except BaseException:
             self.close()
+            self._restore_signals()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self._restore_signals()
 
     @property
     def store(self) -> Any:
@@ -139,10 +164,12 @@ class Supervisor:
     def _start_workers(self, launch: Launch) -> None:
         self._launch = launch
         for rank in range(self.config.workers):
+            self._launched.append(time.time())
             self.processes.append(launch(rank, 0))
 
     def close(self) -> None:
         """Stop and join every worker, then unlink the segments. Safe to call twice."""
+        self._closing = True
         if self._store is not None:
             self._store.request_stop()
         deadline = time.monotonic() + JOIN_TIMEOUT
@@ -188,6 +215,12 @@ class Supervisor:
             silent = now - row.heartbeat
             if silent > timeout:
                 return f"hung: no step for {silent:.1f} s, --hang-timeout {timeout:g}", True
+        if timeout and row.status == STATUS["starting"]:
+            # A worker stuck before its first step (in an import, building its model)
+            # would otherwise be waited for at the start barrier or never noticed.
+            starting = now - self._launched[rank]
+            if starting > max(timeout, START_GRACE):
+                return f"hung: not started after {starting:.1f} s, --hang-timeout {timeout:g}", True
         return None
 
     def _supervise(self, *, restart: bool = True) -> None:
@@ -221,6 +254,11 @@ class Supervisor:
                 p.kill()
             p.join(JOIN_TIMEOUT)
             dead.append(rank)
+            if self.start_barrier is not None:
+                # The dead party will never reach the start barrier (its restart does not
+                # wait there): release whoever waits, rather than strand them for
+                # START_TIMEOUT. Harmless once everyone has passed it.
+                self.start_barrier.abort()
         if self.restarts:  # free what the dead held (also locks leaked in a kill's window)
             alive = np.array([p.is_alive() for p in self.processes])
             store.recover(alive, dead)
@@ -233,6 +271,7 @@ class Supervisor:
             with contextlib.suppress(ValueError):
                 old.close()
             assert self._launch is not None
+            self._launched[rank] = time.time()
             self.processes[rank] = self._launch(rank, int(row.restarts))
         if dead:
             self._restarted(dead)
@@ -254,21 +293,36 @@ class Supervisor:
     def worker_rows(self) -> list[dict[str, float]]:
         return self.store.counters.as_dicts()
 
-    @contextlib.contextmanager
-    def _signals(self, extra: dict[int, Callable[[int, Any], None]] | None = None) -> Iterator[None]:
-        """While a run is watched from the main thread: SIGTERM raises :class:`Terminated`
-        there (the run stops like Ctrl-C) and ``extra`` handlers are installed; the
-        previous handlers come back afterwards."""
-        handlers: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
+    def _signal_handlers(self) -> dict[int, Callable[[int, Any], None]]:
+        """Handlers besides SIGTERM and SIGINT (a subclass adds SIGUSR1)."""
+        return {}
 
-            def terminate(signum: int, frame: Any) -> None:
-                raise Terminated
+    def _stop_on_signal(self, signum: int, frame: Any) -> None:
+        # The handler only notes the request: raising here could land anywhere (in
+        # start-up, while joining the workers, half-way through writing the results).
+        # The watch loop stops at its next poll; a stop in progress goes on undisturbed.
+        self._signals_heard += 1
+        if self.stop_signal is None:
+            self.stop_signal = "terminated" if signum == signal.SIGTERM else "interrupted"
+        elif self._signals_heard >= FORCE_AFTER and not self._closing:
+            # The user insists: give up the results, but still release every resource
+            # (``close`` runs on the way out; it is never interrupted itself).
+            raise Terminated
 
-            for signum, handler in {signal.SIGTERM: terminate, **(extra or {})}.items():
-                handlers[signum] = signal.signal(signum, handler)
-        try:
-            yield
-        finally:
-            for signum, old in handlers.items():
+    def _install_signals(self) -> Callable[[], None]:
+        """From the main thread: SIGTERM and SIGINT stop the run (:attr:`stop_signal`),
+        :meth:`_signal_handlers` are installed; return a function that puts the previous
+        handlers back."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        handlers = {signal.SIGTERM: self._stop_on_signal, signal.SIGINT: self._stop_on_signal}
+        previous = {
+            signum: signal.signal(signum, h) for signum, h in {**handlers, **self._signal_handlers()}.items()
+        }
+
+        def restore() -> None:
+            for signum, old in previous.items():
                 signal.signal(signum, old)
+            previous.clear()
+
+        return restore

@@ -112,3 +112,28 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+class FaultyStart(NumpyMLP):
+    """An MLP whose first unpickling in a worker process (before the start barrier)
+    misbehaves once: ``mode`` ``kill`` (SIGKILL itself) or ``hang`` (sleep for ever).
+    ``marker``: created when it fires, so that only one worker, once, misbehaves."""
+
+    def __init__(self, *args, mode: str, marker: str, **kw):
+        super().__init__(*args, **kw)
+        self.mode, self.marker = mode, marker
+
+    def __setstate__(self, state):
+        import multiprocessing
+
+        self.__dict__.update(state)
+        if not multiprocessing.current_process().name.startswith("paramserver-worker"):
+            return  # the server's own copy (its evaluator)
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # fired already (another worker, or an earlier life)
+        os.close(fd)
+        if self.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)

@@ -125,3 +125,159 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message
     assert message in lines[0]
     assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
     assert not tmp_dirs_of(proc.pid)
+
+
+def wait_for_tmp_dir(proc: subprocess.Popen) -> None:
+    """Until the server made its private directory: its segments exist, it is starting."""
+    deadline = time.monotonic() + 60
+    while not tmp_dirs_of(proc.pid):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"the server did not start: {proc.communicate(timeout=10)}")
+        time.sleep(0.01)
+
+
+def assert_left_nothing(proc: subprocess.Popen) -> None:
+    assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
+    assert not tmp_dirs_of(proc.pid)
+
+
+@pytest.mark.parametrize("sig, reason", [(signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupted")])
+def test_a_second_signal_while_stopping_does_not_lose_the_results(tmp_path, sig, reason):
+    out = tmp_path / "runs"
+    proc = start_training(out)
+    proc.send_signal(sig)
+    time.sleep(0.1)  # the stop has begun: joining workers, writing results
+    proc.send_signal(sig)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert f"stopped by {reason}" in stdout
+    run = only_run_dir(out)
+    assert json.loads((run / "results.json").read_text())["result"]["stop_reason"] == reason
+    assert load_checkpoint(str(run)).version > 0
+    assert_left_nothing(proc)
+
+
+def test_a_third_signal_forces_a_fast_exit_that_leaves_nothing(tmp_path):
+    proc = start_training(tmp_path / "runs")
+    for _ in range(3):
+        proc.send_signal(signal.SIGTERM)
+    _, stderr = finish(proc)
+    assert proc.returncode in (0, 143), stderr  # 0 if the stop was done before the third
+    assert "Traceback" not in stderr
+    assert_left_nothing(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_during_start_up_is_handled(tmp_path, sig):
+    # Once the private directory exists the segments do too, and the workers may not
+    # have been spawned yet. SIGTERM/SIGINT stop the run with its results; SIGUSR1 (the
+    # checkpoint trigger) must not kill it: it trains on until the SIGTERM that follows.
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [*TRAIN, "--epochs", "100000", "--out-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for_tmp_dir(proc)
+    proc.send_signal(sig)
+    if sig == signal.SIGUSR1:
+        time.sleep(1.0)
+        assert proc.poll() is None, finish(proc)
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "stopped by" in stdout
+    assert (only_run_dir(out) / "results.json").exists()
+    assert_left_nothing(proc)
+
+
+def _dead_pid() -> int:
+    pid = 4_000_000
+    while psutil.pid_exists(pid):
+        pid -= 1
+    return pid
+
+
+def test_a_live_run_whose_pid_means_nothing_here_is_not_swept(monkeypatch):
+    # A server in another PID namespace names its segments with a pid that is dead (or
+    # someone else's) here. Its segments, semaphores and private directory must survive
+    # `paramserver clean` for as long as it holds them.
+    import paramserver.store as store_mod
+    from paramserver.layout import Layout
+
+    dead = _dead_pid()
+    monkeypatch.setattr(store_mod, "_new_name", lambda: f"{store_mod.PREFIX}{dead}_{os.urandom(8).hex()}")
+    seg = store_mod.Segment.create(Layout.pack({"w": ((4,), "float32")}))
+    private, lock = store_mod.make_private_dir()
+    moved = os.path.join(os.path.dirname(private), f"{TMP_PREFIX}{dead}-{os.urandom(4).hex()}")
+    os.rename(private, moved)  # as that server's directory would be named
+    try:
+        assert (seg.name, dead, True) in list_segments()
+        removed = store_mod.sweep_stale()
+        assert seg.name not in removed and moved not in removed
+        assert os.path.exists(os.path.join(store_mod.SHM_DIR, seg.name)) and os.path.isdir(moved)
+    finally:
+        seg.unlink()
+        seg.close()
+        os.close(lock)
+    # Once its creator lets go (as the kernel does when it dies), they are stale.
+    assert moved in store_mod.sweep_stale()
+
+
+def test_unshare_pid_namespace_run_survives_a_host_clean(tmp_path):
+    # The same, for real: a run in its own PID namespace, `paramserver clean` on the host.
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    probe = subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -p not permitted here: {probe.stderr.decode().strip()}")
+    before = {n for n, _, _ in list_segments()}
+    out = tmp_path / "runs"
+    inner = " ".join([*TRAIN, "--epochs", "100000", "--max-seconds", "6", "--out-dir", str(out)])
+    # bash as pid 1, so that the server has a small pid of its own, as a real run would.
+    proc = subprocess.Popen(
+        ["unshare", "-p", "-f", "--mount-proc", "bash", "-c", f"{inner}; exit $?"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any((d / "metrics.jsonl").stat().st_size for d in out.iterdir())):
+        assert time.monotonic() < deadline and proc.poll() is None, finish(proc)
+        time.sleep(0.1)
+    theirs = {n for n, _, _ in list_segments()} - before
+    assert theirs, "the namespaced run has no segment"
+    clean = subprocess.run(
+        [sys.executable, "-m", "paramserver", "clean"], capture_output=True, text=True, timeout=60
+    )
+    assert clean.returncode == 0, clean.stderr
+    assert not theirs & set(clean.stdout.split()), clean.stdout
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr
+    assert "stopped by time" in stdout
+    assert not ({n for n, _, _ in list_segments()} - before) & theirs
+
+
+def test_a_process_group_kill_leaves_no_semaphore_after_clean(tmp_path):
+    # SIGKILL to the whole group takes the resource tracker too: nothing of the run
+    # unlinks its semaphores, so `clean` must find them.
+    proc = start_training(tmp_path / "runs", "--policy", "po1", new_session=True)
+    pid = proc.pid
+    os.killpg(pid, signal.SIGKILL)
+    finish(proc)
+
+    def semaphores_of_the_run() -> list[str]:
+        return [
+            n for n in os.listdir("/dev/shm") if n.startswith("sem.") and (f"-{pid}-" in n or f"_{pid}_" in n)
+        ]
+
+    assert semaphores_of_the_run(), "the killed run left no semaphore: nothing to test"
+    out = subprocess.run(
+        [sys.executable, "-m", "paramserver", "clean"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert not semaphores_of_the_run()
+    assert not [n for n, p, _ in list_segments() if p == pid]
+    assert not tmp_dirs_of(pid)

@@ -8,7 +8,7 @@ import signal
 
 import numpy as np
 import pytest
-from helpers import Faulty, config
+from helpers import Faulty, FaultyStart, config
 
 import paramserver as ps
 from paramserver.models.numpy_models import NumpyMLP
@@ -93,3 +93,20 @@ def test_a_segment_larger_than_free_shared_memory_fails_before_training(monkeypa
     monkeypatch.setattr(store_mod, "shm_free_bytes", lambda: 1 << 20)  # pretend 1 MiB is free
     with pytest.raises(OSError, match=r"shared memory needs .* but /dev/shm has 1.0 MiB free"):
         ps.train(NumpyMLP(64, 10, 2048), ps.load_digits(), config(workers=2))
+
+
+@pytest.mark.parametrize("mode", ["kill", "hang"])
+def test_a_worker_that_fails_during_start_up_does_not_strand_the_others(digits, tmp_path, mode):
+    # One worker dies (or hangs) before it reaches the start barrier. The other must not
+    # wait there for it (START_TIMEOUT is 120 s): the run trains with both, the budget of
+    # max_seconds is never reached, and the restarted worker makes steps of its own.
+    model = FaultyStart(64, 10, 16, mode=mode, marker=str(tmp_path / "fired"))
+
+    def both_trained(info):
+        return info["restarts"] == 1 and min(info["steps"]) >= 20
+
+    cfg = config(workers=2, epochs=10_000, hang_timeout=1.0, max_seconds=60)
+    result = ps.train(model, digits, cfg, callback=both_trained)
+    assert (tmp_path / "fired").exists()
+    assert result.stop_reason == "callback", result.summary()
+    assert result.restarts == 1
