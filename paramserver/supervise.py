@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .portable import main_without_file
 from .store import STATUS
 
 JOIN_TIMEOUT = 10.0
@@ -132,7 +133,7 @@ class Supervisor:
     ) -> mp.process.BaseProcess:
         """Start one worker process running ``target(*args)``."""
         p = ctx.Process(target=target, args=args, name=name, daemon=True)  # never outlive the server
-        with thread_env(threads):
+        with thread_env(threads), main_without_file():
             p.start()
         return p
 

@@ -27,7 +27,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from paramserver import portable
 from paramserver.layout import Layout
+from paramserver.portable import ByValue
 
 
 @dataclass
@@ -37,6 +39,8 @@ class ModelSpec:
     ``payload`` is the pickled ``torch.nn.Module`` for torch (its parameter
     values are not used: they are replaced by views of the segment), the
     pickled ``KerasModel`` (a factory) for tf, or the ``NumpyModel`` itself.
+    Pickled with cloudpickle (:mod:`paramserver.portable`), so that definitions
+    from a notebook or ``python -`` travel by value.
     ``loss`` is a picklable ``loss(logits, labels)`` for torch (default
     cross-entropy), ``loss(labels, logits)`` as in Keras for tf (default sparse
     categorical cross-entropy from logits).
@@ -59,6 +63,16 @@ class ModelSpec:
         with os.fdopen(fd, "wb") as f:
             f.write(self.payload)
         return ModelSpec(self.backend, _PayloadFile(path), self.loss)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A loss or a NumPy model defined in a notebook or ``python -`` has no module a
+        # worker could import it from: those travel by value (cloudpickle). Bytes and
+        # payload files are already what the worker needs.
+        payload = self.payload
+        if not isinstance(payload, bytes | _PayloadFile):
+            payload = ByValue(payload, "the model")
+        loss = None if self.loss is None else ByValue(self.loss, "the loss")
+        return ModelSpec, (self.backend, payload, loss)
 
     def load(self) -> Any:
         """The model object (unpickled from bytes or from the file of ``via_file``)."""
@@ -227,13 +241,9 @@ class TorchBackend(Backend):
         init = layout.flatten(
             {n: p.detach().cpu().numpy() for n, p in model.named_parameters() if p.requires_grad}
         )
-        try:
-            payload = pickle.dumps(model)
-        except Exception as e:
-            raise TypeError(
-                f"the model could not be pickled for the worker processes ({e}); define its "
-                "class at module level (and guard the script with if __name__ == '__main__')"
-            ) from None
+        payload = portable.dumps(model, "the model")
+        if loss is not None:
+            portable.check(loss, "the loss")
         return ModelSpec("torch", payload, loss), layout, init
 
     @classmethod
@@ -322,6 +332,7 @@ class NumpyBackend(Backend):
     def make_spec(cls, model, loss, seed, data):  # type: ignore[no-untyped-def]
         if loss is not None:
             raise ValueError("NumPy models have a built-in softmax cross-entropy; do not pass loss")
+        portable.check(model, "the model")
         init = model.init(np.random.default_rng(seed))
         layout = Layout.from_arrays(init)
         return ModelSpec("numpy", model), layout, layout.flatten(init)
