@@ -47,7 +47,7 @@ from .layout import Layout
 from .machine import machine_info, usable_cores
 from .progress import Progress
 from .store import TMP_PREFIX, Counters, ShmStore, Store, sweep_stale
-from .supervise import Supervisor, Terminated, run_span
+from .supervise import Supervisor, Terminated, run_span, worker_context
 from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
 POLL_SECONDS = 0.1
@@ -201,9 +201,9 @@ class Server(Supervisor):
         self._tmpdir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
         task = job.task(self)
 
-        # spawn, not fork: TensorFlow hangs after fork, and an OpenMP pool in this
-        # process can hang forked children. A context, not set_start_method().
-        ctx = mp.get_context("spawn")
+        # Never forked from this process: TensorFlow hangs after fork, and an OpenMP pool
+        # here can hang forked children. Spawned, or forked by a clean forkserver.
+        ctx, workers_parent = worker_context(job.backend, cfg.start_method)
         store.prepare(ctx, cfg)  # the store's consistency rule: its locking policy
         if cfg.stale_first:
             self.stale_first = StaleFirst(ctx, cfg.stale_first)
@@ -224,7 +224,7 @@ class Server(Supervisor):
         def launch(rank: int, life: int) -> mp.process.BaseProcess:
             plan = WorkerPlan(
                 rank=rank, workers=cfg.workers, cores=cores_of(rank) if pin else None,
-                threads=threads, parent_pid=os.getpid(), life=life, **plans[rank],
+                threads=threads, parent_pid=workers_parent, life=life, **plans[rank],
             )  # fmt: skip
             args = (plan, store, task, cfg, self.start_barrier, self.stale_first)
             return self._spawn(ctx, worker_main, args, name=f"paramserver-worker-{rank}", threads=threads)

@@ -96,6 +96,12 @@ class Backend(ABC):
     config=None, rank=0)``: a worker passes its config and rank (the tf backend takes its
     device and when to compute the gradient from them)."""
 
+    start_method: ClassVar[str] = "spawn"
+    """How its workers start: ``spawn`` or ``forkserver`` (see
+    :func:`paramserver.supervise.worker_context`)."""
+    preload: ClassVar[tuple[str, ...]] = ()
+    """Modules a forkserver imports once for all its workers."""
+
     # -- in the calling process -------------------------------------------------------
 
     @classmethod
@@ -214,6 +220,10 @@ class TorchBackend(Backend):
     :func:`recalibrate_batch_norm`."""
 
     name = "torch"
+    # Forked from a forkserver that has imported torch: its 1.5-2.5 s import is paid once
+    # per session instead of once per worker (benchmarks/startup.py).
+    start_method = "forkserver"
+    preload = ("torch",)
     calibration: np.ndarray | None = None
 
     def __init__(self, spec, layout, params, grad, *, config=None, rank=0):  # type: ignore[no-untyped-def]
