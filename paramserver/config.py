@@ -26,6 +26,7 @@ from .policy import POLICIES
 
 BACKENDS = ("torch", "tf", "numpy")
 PIN_CHOICES = ("auto", "on", "off")
+START_METHODS = ("auto", "spawn", "forkserver")
 NONFINITE_CHOICES = ("skip", "stop")
 _DEVICE = re.compile(r"/?(device:)?(cpu|gpu|tpu)(:\d+)?", re.IGNORECASE)
 
@@ -91,6 +92,11 @@ class RunConfig:
         "pin each worker to cores of its own (auto: when workers x threads <= cores)",
         choices=PIN_CHOICES,
     )
+    start_method: str = _f(
+        "auto",
+        "how workers start (auto: torch from a forkserver that imported it once, others spawned)",
+        choices=START_METHODS,
+    )
     nice: int = _f(0, "niceness for workers (0 = unchanged; negative needs privileges)")
     threads: int = _f(0, "threads per worker; 0 = usable cores // workers, at least 1")
     seed: int = _f(0, "random seed; worker r uses seed + r")
@@ -105,6 +111,10 @@ class RunConfig:
         _finite(self, "lr", "momentum", "weight_decay", "eps", "alpha", "beta1", "beta2", "max_seconds",
                 "lr_gamma", "lr_min", "attenuation_base", "hang_timeout", "checkpoint_seconds")  # fmt: skip
         need(self.workers >= 1, f"workers must be at least 1, got {self.workers}")
+        need(
+            self.start_method in START_METHODS,
+            f"start_method must be one of {', '.join(START_METHODS)}, got {self.start_method!r}",
+        )
         need(self.policy in POLICIES, f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         need(
             self.optimizer in RULES,

@@ -32,13 +32,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import portable
 from .config import RLConfig
 from .layout import Layout
 from .progress import BARS, Progress
@@ -210,13 +210,7 @@ class RLJob(Job):
         if not isinstance(self.env, str):
             if not callable(self.env):
                 raise TypeError(f"env must be a gymnasium id or a factory, got {type(self.env).__name__}")
-            try:
-                pickle.dumps(self.env)
-            except Exception as e:
-                raise TypeError(
-                    f"the environment factory could not be pickled for the worker processes ({e}); "
-                    "define it at module level (and guard the script with if __name__ == '__main__')"
-                ) from None
+            portable.check(self.env, "the environment factory")
         self.info = inspect_env(self.env, config.algo)
         self.target = config.target_return if config.target_return is not None else self.info.reward_threshold
         if self.target is None and not (config.max_steps or config.max_seconds):

@@ -47,8 +47,17 @@ from .data import Dataset, shard, share_training_data
 from .layout import Layout
 from .machine import machine_info, usable_cores
 from .progress import Progress
-from .store import PREFIX, Counters, ShmStore, Store, make_private_dir, semaphore_names, staleness, sweep_stale
-from .supervise import Supervisor, run_span
+from .store import (
+    PREFIX,
+    Counters,
+    ShmStore,
+    Store,
+    make_private_dir,
+    semaphore_names,
+    staleness,
+    sweep_stale,
+)
+from .supervise import Supervisor, run_span, worker_context
 from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
 POLL_SECONDS = 0.1
@@ -224,9 +233,9 @@ class Server(Supervisor):
         self._tmpdir, self._tmp_lock = make_private_dir()
         task = job.task(self)
 
-        # spawn, not fork: TensorFlow hangs after fork, and an OpenMP pool in this
-        # process can hang forked children. A context, not set_start_method().
-        ctx = mp.get_context("spawn")
+        # Never forked from this process: TensorFlow hangs after fork, and an OpenMP pool
+        # here can hang forked children. Spawned, or forked by a clean forkserver.
+        ctx, workers_parent = worker_context(job.backend, cfg.start_method)
         with semaphore_names(f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}") as self._sem_locks:
             store.prepare(ctx, cfg)  # the store's consistency rule: its locking policy
             if cfg.stale_first:
@@ -248,7 +257,7 @@ class Server(Supervisor):
         def launch(rank: int, life: int) -> mp.process.BaseProcess:
             plan = WorkerPlan(
                 rank=rank, workers=cfg.workers, cores=cores_of(rank) if pin else None,
-                threads=threads, parent_pid=os.getpid(), life=life, **plans[rank],
+                threads=threads, parent_pid=workers_parent, life=life, **plans[rank],
             )  # fmt: skip
             args = (plan, store, task, cfg, self.start_barrier, self.stale_first)
             return self._spawn(ctx, worker_main, args, name=f"paramserver-worker-{rank}", threads=threads)

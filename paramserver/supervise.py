@@ -3,9 +3,12 @@
 Every job (supervised training, A3C, DQN) runs under the one server; how its
 worker processes live is written once, here:
 
-- start: spawned (never forked), daemonic, each with its BLAS/OpenMP pool sizes
-  in its environment before it imports anything (:func:`thread_env`); a worker
-  asks the kernel to kill it when the server dies
+- start: spawned, or forked by a forkserver that imported the framework first
+  (:func:`worker_context`; never forked from the server itself), daemonic; a
+  spawned worker gets its BLAS/OpenMP pool sizes in its environment before it
+  imports anything (:func:`thread_env`), a forked one sizes torch's pools before
+  its first operation starts them; a worker asks the kernel to kill it when its
+  parent (the server, or the forkserver, which exits with the server) dies
   (:func:`paramserver.workers.worker.die_with_parent`);
 - supervision: a worker that dies (killed, crashed in native code, exited) or
   makes no step for ``hang_timeout`` seconds is restarted with the same rank and
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import multiprocessing.forkserver as forkserver
 import os
 import signal
 import sys
@@ -33,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .portable import main_without_file
 from .store import STATUS
 
 JOIN_TIMEOUT = 10.0
@@ -75,6 +80,54 @@ def thread_env(threads: int) -> Iterator[None]:
                 os.environ.pop(n, None)
             else:
                 os.environ[n] = v
+
+
+WORKER_PRELOAD = ("paramserver.workers.worker", "paramserver.kernels")
+"""What a forkserver imports for every backend that starts its workers from one: the
+worker's own modules (numba's among them) take 0.4-0.6 s to import in each worker."""
+
+
+def worker_context(backend: str, start_method: str = "auto") -> tuple[Any, int]:
+    """The multiprocessing context a run's workers start from, and the pid of their parent.
+
+    ``auto`` takes the backend's :attr:`~paramserver.workers.backends.Backend.start_method`.
+    Spawn starts a fresh interpreter per worker, which then imports its framework
+    (torch: 1.5-2.5 s on a loaded 2-core machine, see benchmarks/startup.py). A forkserver
+    imports the framework once, before it serves any worker, and forks each worker from
+    that state in milliseconds; it lives until this process exits, so later runs in the
+    same session (a notebook, benchmark repeats, tests) start at once. It is safe because
+    the forkserver is single-threaded: it is started with one-thread BLAS/OpenMP settings,
+    importing torch starts no pool, and each worker pins itself and sizes its pools
+    (``configure``) before its first operation creates them. TensorFlow must be spawned: it
+    hangs after fork. A context, never ``set_start_method``; the preload list is the
+    forkserver's own, fixed before it starts.
+    """
+    from paramserver.workers.backends import backend_class
+
+    cls = backend_class(backend)
+    method = cls.start_method if start_method == "auto" else start_method
+    if method == "forkserver" and cls.start_method == "spawn":
+        raise ValueError(f"the {backend} backend's workers must be spawned; use start_method 'auto'")
+    if method == "spawn":
+        return mp.get_context("spawn"), os.getpid()
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([*cls.preload, *WORKER_PRELOAD])
+    # The forkserver reads its environment once, when it starts: one thread for every
+    # pool, so that nothing it imports starts threads a forked worker would lack.
+    with thread_env(1):
+        forkserver.ensure_running()
+    return ctx, _forkserver_pid()
+
+
+def _forkserver_pid() -> int:
+    """The running forkserver's pid: the parent of every worker it forks, which a worker
+    watches to die with the server (the forkserver exits when this process does).
+
+    multiprocessing has no public accessor; ``_forkserver._forkserver_pid`` is set by
+    ``ensure_running`` (checked with CPython 3.11-3.13)."""
+    pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    assert pid, "forkserver not running"
+    return int(pid)
 
 
 def run_span(rows: list[dict[str, float]]) -> tuple[float, float]:
@@ -157,7 +210,7 @@ class Supervisor:
     ) -> mp.process.BaseProcess:
         """Start one worker process running ``target(*args)``."""
         p = ctx.Process(target=target, args=args, name=name, daemon=True)  # never outlive the server
-        with thread_env(threads):
+        with thread_env(threads), main_without_file():
             p.start()
         return p
 

@@ -29,8 +29,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from paramserver import portable
 from paramserver.layout import Layout
 from paramserver.optim import coalesce
+from paramserver.portable import ByValue
 from paramserver.store import SparseRows
 
 
@@ -41,6 +43,8 @@ class ModelSpec:
     ``payload`` is the pickled ``torch.nn.Module`` for torch (its parameter
     values are not used: they are replaced by views of the segment), the
     pickled ``KerasModel`` (a factory) for tf, or the ``NumpyModel`` itself.
+    Pickled with cloudpickle (:mod:`paramserver.portable`), so that definitions
+    from a notebook or ``python -`` travel by value.
     ``loss`` is a picklable ``loss(logits, labels)`` for torch (default
     cross-entropy), ``loss(labels, logits)`` as in Keras for tf (default sparse
     categorical cross-entropy from logits).
@@ -66,6 +70,16 @@ class ModelSpec:
             f.write(self.payload)
         return ModelSpec(self.backend, _PayloadFile(path), self.loss, self.sparse)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A loss or a NumPy model defined in a notebook or ``python -`` has no module a
+        # worker could import it from: those travel by value (cloudpickle). Bytes and
+        # payload files are already what the worker needs.
+        payload = self.payload
+        if not isinstance(payload, bytes | _PayloadFile):
+            payload = ByValue(payload, "the model")
+        loss = None if self.loss is None else ByValue(self.loss, "the loss")
+        return ModelSpec, (self.backend, payload, loss, self.sparse)
+
     def load(self) -> Any:
         """The model object (unpickled from bytes or from the file of ``via_file``)."""
         payload = self.payload
@@ -89,6 +103,12 @@ class Backend(ABC):
     device and when to compute the gradient from them)."""
     sparse: tuple[str, ...] = ()
     """Tensors whose gradient :meth:`backward` returns as rows instead of writing ``grad``."""
+
+    start_method: ClassVar[str] = "spawn"
+    """How its workers start: ``spawn`` or ``forkserver`` (see
+    :func:`paramserver.supervise.worker_context`)."""
+    preload: ClassVar[tuple[str, ...]] = ()
+    """Modules a forkserver imports once for all its workers."""
 
     # -- in the calling process -------------------------------------------------------
 
@@ -232,6 +252,10 @@ class TorchBackend(Backend):
     :func:`recalibrate_batch_norm`."""
 
     name = "torch"
+    # Forked from a forkserver that has imported torch: its 1.5-2.5 s import is paid once
+    # per session instead of once per worker (benchmarks/startup.py).
+    start_method = "forkserver"
+    preload = ("torch",)
     calibration: np.ndarray | None = None
 
     def __init__(self, spec, layout, params, grad, *, config=None, rank=0):  # type: ignore[no-untyped-def]
@@ -267,13 +291,9 @@ class TorchBackend(Backend):
         init = layout.flatten(
             {n: p.detach().cpu().numpy() for n, p in model.named_parameters() if p.requires_grad}
         )
-        try:
-            payload = pickle.dumps(model)
-        except Exception as e:
-            raise TypeError(
-                f"the model could not be pickled for the worker processes ({e}); define its "
-                "class at module level (and guard the script with if __name__ == '__main__')"
-            ) from None
+        payload = portable.dumps(model, "the model")
+        if loss is not None:
+            portable.check(loss, "the loss")
         return ModelSpec("torch", payload, loss, torch_sparse_names(model)), layout, init
 
     @classmethod
@@ -379,6 +399,7 @@ class NumpyBackend(Backend):
     def make_spec(cls, model, loss, seed, data):  # type: ignore[no-untyped-def]
         if loss is not None:
             raise ValueError("NumPy models have a built-in softmax cross-entropy; do not pass loss")
+        portable.check(model, "the model")
         init = model.init(np.random.default_rng(seed))
         layout = Layout.from_arrays(init)
         return ModelSpec("numpy", model, sparse=tuple(model.sparse_tensors())), layout, layout.flatten(init)

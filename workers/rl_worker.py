@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.config import RLConfig
+from paramserver.portable import ByValue
 from paramserver.store import Gradient, Segment
 
 from .backends import bind_torch
@@ -83,6 +84,14 @@ class RLTask(Task):
         self.record: Callable[[float, int], None] | None = None
         """Called for every finished episode (return, length); default: the worker's ring."""
         self._loss: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # An environment factory defined in a notebook or ``python -`` cannot be imported
+        # by the worker: it travels by value (cloudpickle); a gymnasium id is a string.
+        state = self.__dict__.copy()
+        if not isinstance(self.env, str):
+            state["env"] = ByValue(self.env, "the environment factory")
+        return state
 
     def start(self, ctx: Context) -> None:
         from paramserver.models.rl_models import build

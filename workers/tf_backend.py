@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from paramserver import portable
 from paramserver.api import KerasModel, is_keras, looks_like_tf_model
 from paramserver.layout import Layout
 
@@ -168,15 +168,9 @@ def model_spec(
     names = _names(variables)
     init = {n: np.asarray(v.numpy()) for n, v in zip(names, variables, strict=True)}
     layout = Layout.from_arrays(init)
-    try:
-        payload = pickle.dumps(km)
-        pickle.dumps(loss)
-    except Exception as e:
-        raise TypeError(
-            f"the model factory or loss could not be pickled for the worker processes ({e}); use "
-            "module-level functions (or functools.partial of them) and guard the script with "
-            "if __name__ == '__main__'"
-        ) from None
+    payload = portable.dumps(km, "the model factory")
+    if loss is not None:
+        portable.check(loss, "the loss")
     return ModelSpec("tf", payload, loss), layout, layout.flatten(init)
 
 
