@@ -94,7 +94,7 @@ class RunConfig:
     )
     start_method: str = _f(
         "auto",
-        "how workers start (auto: torch from a forkserver that imported it once, others spawned)",
+        "how workers start (auto: spawned; forkserver, torch and numpy only: from one that imported torch once)",
         choices=START_METHODS,
     )
     nice: int = _f(0, "niceness for workers (0 = unchanged; negative needs privileges)")
@@ -383,6 +383,11 @@ class RLConfig(RunConfig):
     window: int = _f(100, "episodes (all workers together) in the mean return the target is checked on")
     max_steps: int = _f(0, "environment steps across workers; 0 = no limit")
     eval_episodes: int = _f(100, "episodes --evaluate runs (greedy actions)")
+    start_method: str = _f(
+        "spawn",
+        "how workers start (RL workers are spawned by default; forkserver: from one that imported torch)",
+        choices=START_METHODS,
+    )
 
     def __post_init__(self) -> None:
         need = _need

@@ -106,7 +106,7 @@ def worker_context(backend: str, start_method: str = "auto") -> tuple[Any, int]:
 
     cls = backend_class(backend)
     method = cls.start_method if start_method == "auto" else start_method
-    if method == "forkserver" and cls.start_method == "spawn":
+    if method == "forkserver" and not cls.forkserver_ok:
         raise ValueError(f"the {backend} backend's workers must be spawned; use start_method 'auto'")
     if method == "spawn":
         return mp.get_context("spawn"), os.getpid()

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import gymnasium as gym
@@ -312,8 +313,10 @@ def test_environment_errors_name_the_problem():
         train_rl(config(algo="dqn", env="Pendulum-v1"))
     with pytest.raises(ValueError, match="needs a Discrete one"):
         train_rl(config(algo="a3c", env="MountainCarContinuous-v0"))
+    # A lambda travels by value now; a factory that holds a lock cannot travel at all.
+    lock = threading.Lock()
     with pytest.raises(TypeError, match="could not be pickled"):
-        train_rl(config(), env=lambda: gym.make("CartPole-v1"))
+        train_rl(config(), env=lambda: (lock, gym.make("CartPole-v1"))[1])
     with pytest.raises(ValueError, match="eps_end <= eps_start"):
         config(eps_start=0.1, eps_end=0.5)
     with pytest.raises(ValueError, match="n_steps must be at least 1"):

@@ -108,6 +108,8 @@ class Backend(ABC):
     """How its workers start: ``spawn`` or ``forkserver`` (see
     :func:`paramserver.supervise.worker_context`)."""
     preload: ClassVar[tuple[str, ...]] = ()
+    forkserver_ok: ClassVar[bool] = False
+    """Whether its workers may fork from a forkserver (TensorFlow's may not: it hangs after fork)."""
     """Modules a forkserver imports once for all its workers."""
 
     # -- in the calling process -------------------------------------------------------
@@ -252,9 +254,12 @@ class TorchBackend(Backend):
     :func:`recalibrate_batch_norm`."""
 
     name = "torch"
-    # Forked from a forkserver that has imported torch: its 1.5-2.5 s import is paid once
-    # per session instead of once per worker (benchmarks/startup.py).
-    start_method = "forkserver"
+    # Spawned by default; with start_method "forkserver" forked from a forkserver that has
+    # imported torch, so its 1.5-2.5 s import is paid once per session instead of once per
+    # worker (benchmarks/startup.py). Not the default yet: the start-up fault tests
+    # (tests/faults/test_workers.py) have not been made to pass under it.
+    start_method = "spawn"
+    forkserver_ok = True
     preload = ("torch",)
     calibration: np.ndarray | None = None
 
