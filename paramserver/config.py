@@ -94,7 +94,7 @@ class RunConfig:
     )
     start_method: str = _f(
         "auto",
-        "how workers start (auto: spawned; forkserver, torch and numpy only: from one that imported torch once)",
+        "how workers start (auto: spawned; forkserver, torch only: from one that imported torch)",
         choices=START_METHODS,
     )
     nice: int = _f(0, "niceness for workers (0 = unchanged; negative needs privileges)")
