@@ -63,11 +63,14 @@ class ModelSpec:
         worker that dies before reading all of it leaves its parent blocked in
         ``Process.start()`` for ever (the parent holds the pipe's read end too).
         """
-        if not isinstance(self.payload, bytes):
+        if isinstance(self.payload, _PayloadFile):
             return self
+        # A NumPy model too: by value, it can outgrow the pipe, and a worker that hangs
+        # while unpickling it would leave the server blocked in Process.start().
+        data = self.payload if isinstance(self.payload, bytes) else portable.dumps(self.payload, "the model")
         fd, path = tempfile.mkstemp(prefix="model-", suffix=".pkl", dir=directory)  # mode 0600
         with os.fdopen(fd, "wb") as f:
-            f.write(self.payload)
+            f.write(data)
         return ModelSpec(self.backend, _PayloadFile(path), self.loss, self.sparse)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
@@ -381,7 +384,7 @@ class NumpyBackend(Backend):
     def __init__(self, spec, layout, params, grad, *, config=None, rank=0):  # type: ignore[no-untyped-def]
         from paramserver.models.numpy_models import softmax_cross_entropy
 
-        self.model = spec.payload
+        self.model = spec.load()
         self.xent = softmax_cross_entropy
         self.params = layout.unflatten(params)
         self.sparse = tuple(self.model.sparse_tensors())
