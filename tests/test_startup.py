@@ -35,7 +35,7 @@ def test_forkserver_worker_gives_bit_identical_parameters(digits: ps.Dataset) ->
 
 
 def test_forkserver_has_no_thread_pool_and_is_the_workers_parent() -> None:
-    ctx, parent = worker_context("torch")
+    ctx, parent = worker_context("torch", "forkserver")
     assert ctx.get_start_method() == "forkserver"
     assert parent != os.getpid()
     # A pool in the forkserver would be missing (but believed present) in every worker it
