@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-MODELS = {"torch": ("mlp", "cnn", "embedding"), "tf": ("mlp", "cnn"), "numpy": ("mlp", "softmax", "mf")}
+MODELS = {
+    "torch": ("mlp", "cnn", "embedding"),
+    "tf": ("mlp", "cnn"),
+    "numpy": ("mlp", "softmax", "linear", "mf"),
+}
 
 
 def square_side(input_shape: tuple[int, ...], layout: str) -> int | None:

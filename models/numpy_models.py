@@ -1,5 +1,5 @@
-"""NumPy models with hand-written gradients: softmax regression, an MLP, and logistic
-matrix factorization (row-sparse gradients).
+"""NumPy models with hand-written gradients: softmax and linear regression, an MLP, and
+logistic matrix factorization (row-sparse gradients).
 
 A NumPy model holds no parameters itself: it is handed a dict of arrays (views
 of the shared flat vector) on every call, and writes its gradient into
@@ -34,6 +34,26 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.
     return loss, z
 
 
+def mean_squared_error(outputs: np.ndarray, targets: Any) -> tuple[float, np.ndarray]:
+    """Mean over every value of ``(outputs - targets)**2`` (as ``torch.nn.functional.mse_loss``),
+    and d loss / d outputs; a scalar target per sample meets an (n, 1) output."""
+    if isinstance(targets, dict):
+        raise ValueError(
+            "mean squared error against named inputs: an unsupervised NumPy model takes one array"
+        )
+    t = np.asarray(targets, dtype=np.float32)
+    if t.size != outputs.size:
+        raise ValueError(f"the model's outputs {outputs.shape[1:]} do not match the targets {t.shape[1:]}")
+    diff = outputs - t.reshape(outputs.shape)
+    return float(np.mean(diff * diff)), diff * np.float32(2.0 / diff.size)
+
+
+def loss_for_task(task: str) -> Any:
+    """The built-in loss of a NumPy model for ``task``: ``loss(outputs, targets) -> (loss,
+    d loss / d outputs)``."""
+    return softmax_cross_entropy if task == "classify" else mean_squared_error
+
+
 class NumpyModel(ABC):
     """Parameters by name and shape; forward and backward on views of them."""
 
@@ -46,8 +66,9 @@ class NumpyModel(ABC):
         """Fresh float32 parameters."""
 
     @abstractmethod
-    def forward(self, params: Arrays, x: np.ndarray) -> tuple[np.ndarray, Any]:
-        """Logits for ``x`` and whatever backward needs."""
+    def forward(self, params: Arrays, x: Any) -> tuple[np.ndarray, Any]:
+        """Outputs (logits) for ``x`` (an array, or a dict of named arrays for a model of
+        several inputs) and whatever backward needs."""
 
     @abstractmethod
     def backward(self, params: Arrays, cache: Any, dlogits: np.ndarray, grads: Arrays) -> RowGrads | None:
@@ -92,6 +113,22 @@ class SoftmaxRegression(NumpyModel):
     def backward(self, params: Arrays, cache: Any, dlogits: np.ndarray, grads: Arrays) -> None:
         np.matmul(cache.T, dlogits, out=grads["W"])
         np.sum(dlogits, axis=0, out=grads["b"])
+
+
+@dataclass
+class LinearRegression(NumpyModel):
+    """``outputs = x @ W + b``, trained on the mean squared error (float targets of
+    ``outputs`` values per sample): the affine map of :class:`SoftmaxRegression`."""
+
+    in_features: int
+    outputs: int = 1
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"W": (self.in_features, self.outputs), "b": (self.outputs,)}
+
+    init = SoftmaxRegression.init
+    forward = SoftmaxRegression.forward
+    backward = SoftmaxRegression.backward
 
 
 @dataclass
@@ -189,7 +226,8 @@ class MatrixFactorization(NumpyModel):
 def build(
     name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64, tokens: int = 0
 ) -> NumpyModel:
-    """``tokens``: for ``mf``, the largest user or item id + 1 (both tables get that many rows)."""
+    """``classes``: the outputs (classes, or the size of a target); ``tokens``: for ``mf``,
+    the largest user or item id + 1 (both tables get that many rows)."""
     features = math.prod(input_shape)
     if name == "mf":
         if input_shape != (2,) or classes != 2 or tokens < 1:
@@ -200,6 +238,8 @@ def build(
         return MatrixFactorization(tokens, tokens, dim=hidden)
     if name == "softmax":
         return SoftmaxRegression(features, classes)
+    if name == "linear":
+        return LinearRegression(features, classes)
     if name == "mlp":
         return NumpyMLP(features, classes, hidden)
-    raise ValueError(f"unknown numpy model {name!r}; choose one of mlp, softmax, mf")
+    raise ValueError(f"unknown numpy model {name!r}; choose one of mlp, softmax, linear, mf")

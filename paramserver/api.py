@@ -31,10 +31,15 @@ class KerasModel:
     """
 
     factory: Callable[[], Any]
-    input_shape: tuple[int, ...] | None = None
-    """Shape of one input (set from the data): a model without variables yet is called once on zeros."""
-    calibration: np.ndarray | None = None
+    input_shape: Any = None
+    """Shape of one input, a dict of them for named inputs (set from the data): a model
+    without variables yet is called once on zeros."""
+    calibration: Any = None
     """Training inputs for the server's copy to re-estimate batch-norm statistics (set from the data)."""
+    input_dtypes: Any = None
+    """The inputs' dtype names (a dict of them for named inputs; set from the data)."""
+    target_shape: tuple[int, ...] | None = None
+    """Shape of one sample's target (set from the data; None: no targets or not known)."""
 
     def __post_init__(self) -> None:
         if looks_like_tf_model(self.factory):
@@ -101,11 +106,17 @@ def train(
     :class:`paramserver.KerasModel` (a factory of a Keras model or ``tf.Module``;
     ``result.model`` is then a model built with the trained values) or a NumPy
     model from ``paramserver.models.numpy_models``.
-    ``data``: a :class:`Dataset`, ``(x, y)`` (a test split is held out) or
-    ``(x, y, x_test, y_test)``. ``loss``: a picklable ``loss(logits, labels)``
-    for torch models (default cross-entropy), ``loss(labels, logits)`` as in
-    Keras for tf (default sparse categorical cross-entropy from logits). ``callback``: called by the
-    server a few times a second with progress figures; returning True stops the run.
+    ``data``: a :class:`Dataset` (e.g. :func:`paramserver.load_npy`, memory-mapped),
+    ``(x, y)`` (a test split is held out) or ``(x, y, x_test, y_test)``, where ``x`` is
+    an array or a dict of named arrays (a torch model gets them as keyword arguments)
+    and ``y`` holds class labels (ints), float targets, or is None (unsupervised); a
+    map-style ``torch.utils.data.Dataset`` or a finite ``tf.data.Dataset`` is read into
+    memory once. The task is inferred from ``y`` unless ``config.task`` states it.
+    ``loss``: a picklable ``loss(outputs, targets)`` for torch models,
+    ``loss(targets, outputs)`` as in Keras for tf (targets: the inputs for an
+    unsupervised task); default cross-entropy from logits for classification, mean
+    squared error otherwise. ``callback``: called by the server a few times a second
+    with progress figures; returning True stops the run.
     """
     from paramserver.workers.backends import backend_class
 
@@ -116,11 +127,12 @@ def train(
         from .cluster import train_cluster
 
         return train_cluster(model, data, config, loss=loss, callback=callback)
-    dataset = as_dataset(data, config.seed)
+    dataset = as_dataset(data, config.seed, None if config.task == "auto" else config.task)
     spec, layout, init = model_spec(model, loss, config.seed, dataset)
     backend = backend_class(spec.backend)
     backend.check_config(config)
     check_rows(spec.sparse, config)
+    backend.check_data(spec, layout, init, dataset)
     with ParameterServer(spec, layout, init, dataset, config, callback=callback) as server:
         result = server.run()
     result.model = backend.hand_back(model, spec, layout, result.params, dataset)

@@ -101,10 +101,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         backend_class(job.backend).seed_initial(job.seed)  # imports the framework; the initial parameters
     except ImportError as e:
         raise UsageError(f"--backend {job.backend}: {e}") from None
-    dataset = data_mod.load(job.data, test_fraction=job.test_fraction, seed=job.seed)
+    task = None if job.task == "auto" else job.task
+    dataset = data_mod.load(
+        job.data, test_fraction=job.test_fraction, seed=job.seed, task=task, targets=job.targets
+    )
+    if isinstance(dataset.x_train, dict):
+        raise UsageError(
+            "the command line trains models of one input array; named inputs need the Python API"
+        )
     ids = dataset.x_train.dtype.kind in "iu"  # token ids: the embedding models need their range
     tokens = int(max(dataset.x_train.max(), dataset.x_test.max())) + 1 if ids else 0
-    model = build_model(job.backend, job.model, dataset.input_shape, dataset.classes, job.hidden, tokens)
+    model = build_model(job.backend, job.model, dataset.input_shape, dataset.outputs, job.hidden, tokens)
     if not job.cluster:  # a cluster's errors (no Ray, no cluster) stay one line
         print(
             f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "

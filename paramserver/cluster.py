@@ -57,7 +57,7 @@ import numpy as np
 
 from .config import ClusterConfig, TrainConfig
 from .config import cluster_address as _address
-from .data import Dataset, shard
+from .data import Dataset, shard, take
 from .layout import Layout
 from .server import ParameterServer, TrainResult
 from .store import sweep_stale
@@ -373,15 +373,14 @@ class _NodeAgent:
 
 
 def _split(data: Dataset, nodes: int) -> list[Dataset]:
-    """Each node's contiguous share of the training split (and the whole test split)."""
+    """Each node's contiguous share of the training split (and the whole test split). A
+    node receives its share by value: mapped files are read, not mapped, on other machines."""
     out = []
     for i in range(nodes):
-        lo, hi = shard(len(data.x_train), i, nodes)
-        out.append(
-            Dataset(
-                data.x_train[lo:hi], data.y_train[lo:hi], data.x_test, data.y_test, data.classes, data.name
-            )
-        )
+        lo, hi = shard(len(data), i, nodes)
+        y = None if data.y_train is None else data.y_train[lo:hi]
+        share = take(data.x_train, slice(lo, hi))
+        out.append(Dataset(share, y, data.x_test, data.y_test, data.classes, data.name, data.task))
     return out
 
 
@@ -462,12 +461,14 @@ def train_cluster(
     if not cluster.cluster:
         raise ValueError("train_cluster needs a cluster: 'local', 'auto', HOST:PORT or ray://HOST:PORT")
     ray = _import_ray()
-    dataset = _as_dataset(data, config.seed)
-    if len(dataset.x_train) < cluster.nodes * config.workers:
+    dataset = _as_dataset(data, config.seed, None if config.task == "auto" else config.task)
+    if len(dataset) < cluster.nodes * config.workers:
         raise ValueError(
             f"{cluster.nodes} nodes x {config.workers} workers need a training sample each; "
-            f"the data has {len(dataset.x_train)}"
+            f"the data has {len(dataset)}"
         )
+    if config.target is not None:
+        raise ValueError("target_metric/target are not evaluated across machines yet; use target_accuracy")
     spec, layout, init = _model_spec(model, loss, config.seed, dataset)
     k = cluster.shard_count
     if k > layout.flat_size:
@@ -658,7 +659,7 @@ def _drive(
     return ClusterResult(
         params={k: v.copy() for k, v in layout.unflatten(final).items()},
         stop_reason=reason or ("steps" if config.steps else "epochs"),
-        test_accuracy=accuracy(final) if len(dataset.x_test) else None,
+        test_accuracy=accuracy(final) if dataset.task == "classify" else None,
         final_loss=float(np.mean(active)) if active else None,
         updates=sum(r.updates for r in results),
         samples=sum(r.samples for r in results),

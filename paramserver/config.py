@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .asynchrony import ATTENUATIONS, LR_SCHEDULES, Attenuation, LRSchedule
+from .data import TASKS
+from .metrics import DIRECTIONS, METRIC_CHOICES
 from .optim import RULES, UpdateRule, make_rule
 from .policy import POLICIES
 
@@ -159,8 +161,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if callable(self.attenuation):  # a user's function: recorded by name
-            d["attenuation"] = getattr(self.attenuation, "__qualname__", repr(self.attenuation))
+        for name in ("attenuation", "target_metric"):
+            value = getattr(self, name, None)
+            if callable(value):  # a user's function: recorded by name
+                d[name] = getattr(value, "__qualname__", repr(value))
         return d
 
     def attenuation_rule(self) -> Attenuation:
@@ -287,7 +291,25 @@ class TrainConfig(ClusterConfig, RunConfig):
     target_train_accuracy: float | None = _f(
         None, "stop when accuracy on (up to 2048 samples of) the training split reaches this"
     )
-    eval_every: float = _f(1.0, "seconds between evaluations for the accuracy targets")
+    task: str = _f(
+        "auto",
+        "what the targets are: class labels, float targets, none (auto: from the data)",
+        choices=("auto", "classify", "regress", "unsupervised"),
+    )
+    target_metric: str | Callable[..., float] = _f(
+        "auto",
+        "the metric evaluated on the test split, and stopped on with --target "
+        "(auto: accuracy for classification, the test loss otherwise; "
+        "or a callable metric(outputs, targets))",
+        choices=METRIC_CHOICES,
+    )
+    target: float | None = _f(None, "stop when the metric (checked every --eval-every seconds) reaches this")
+    target_direction: str = _f(
+        "auto",
+        "whether --target is reached from below or above (auto: the named metric's)",
+        choices=DIRECTIONS,
+    )
+    eval_every: float = _f(1.0, "seconds between evaluations for the accuracy and metric targets")
     eval_every_updates: int = _f(0, "evaluate every this many updates instead of every --eval-every s")
     devices: str = _f(
         "", "tf: comma-separated devices, worker r runs on the (r mod count)-th (e.g. /GPU:0,/GPU:1)"
@@ -296,7 +318,27 @@ class TrainConfig(ClusterConfig, RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()  # the cluster's fields, then RunConfig's
         need = _need
-        _finite(self, "target_loss", "eval_every")
+        _finite(self, "target_loss", "eval_every", "target")
+        need(
+            self.task in ("auto", *TASKS),
+            f"task must be one of auto, {', '.join(TASKS)}, got {self.task!r}",
+        )
+        need(
+            callable(self.target_metric) or self.target_metric in METRIC_CHOICES,
+            f"unknown target_metric {self.target_metric!r}; choose one of {', '.join(METRIC_CHOICES)}, "
+            "or pass a callable metric(outputs, targets)",
+        )
+        need(
+            self.target_direction in DIRECTIONS,
+            f"target_direction must be one of {', '.join(DIRECTIONS)}, got {self.target_direction!r}",
+        )
+        need(
+            not (
+                self.target is not None and callable(self.target_metric) and self.target_direction == "auto"
+            ),
+            "a callable target_metric has no known direction: set target_direction 'above' "
+            "(higher is better) or 'below'",
+        )
         need(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         need(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
         need(self.steps >= 0, f"steps must be >= 0 (0 = no limit), got {self.steps}")
@@ -439,9 +481,18 @@ class TrainJob(TrainConfig):
     """A training job from the command line: what to train on what, then how."""
 
     backend: str = _f("torch", "framework computing the gradients", choices=BACKENDS)
-    model: str = _f("mlp", "model from paramserver.models (torch, tf: mlp, cnn; numpy: mlp, softmax)")
+    model: str = _f(
+        "mlp",
+        "model from paramserver.models "
+        "(torch: mlp, cnn, embedding; tf: mlp, cnn; numpy: mlp, softmax, linear, mf)",
+    )
     hidden: int = _f(64, "hidden units per layer for mlp models")
-    data: str = _f("digits", "'digits' (scikit-learn's bundled 8x8 digits) or a .npz path with x, y")
+    data: str = _f(
+        "digits",
+        "'digits' (scikit-learn's bundled 8x8 digits), a .npz path with x (and y), "
+        "or a .npy of inputs (memory-mapped, never copied)",
+    )
+    targets: str = _f("", "with a .npy --data: the .npy of its targets (none: unsupervised)")
     test_fraction: float = _f(0.2, "held-out fraction for the test split (when the data has none)")
 
     def __post_init__(self) -> None:

@@ -8,10 +8,12 @@ order.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,114 +21,283 @@ import numpy as np
 from .layout import Layout
 from .store import Segment
 
+TASKS = ("classify", "regress", "unsupervised")
+"""What the targets are: class labels, float targets (any trailing shape), or none."""
+
+Inputs = np.ndarray | dict[str, np.ndarray]
+"""A model's inputs: one array, or named arrays (several inputs), all with one row per sample."""
+
 
 @dataclass
 class Dataset:
-    """A classification data set: ``x`` float32 ``(n, ...)`` (int32/int64 ids keep their
-    dtype), ``y`` int64 labels in [0, classes)."""
+    """A data set: inputs ``x`` (one array or a dict of named arrays, ``(n, ...)`` each) and
+    targets ``y`` for the ``task``: int64 class labels in [0, classes) (``classify``),
+    float32 targets of any trailing shape (``regress``), or none (``unsupervised``: the
+    loss is computed from the inputs and the outputs).
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    classes: int
+    Floating inputs are float32; int32/int64 inputs (ids) keep their dtype; others become
+    float32. ``files``: the arrays that stay in their memory-mapped ``.npy`` files (key:
+    ``x``, ``x/<name>`` or ``y``; value: path and row range), which workers map instead of
+    receiving a copy in shared memory (see :func:`load_npy`)."""
+
+    x_train: Inputs
+    y_train: np.ndarray | None
+    x_test: Inputs
+    y_test: np.ndarray | None
+    classes: int = 0
     name: str = "data"
+    task: str = "classify"
+    files: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
+    def input_shape(self) -> Any:
+        """Shape of one sample's input; a dict of them for named inputs."""
+        if isinstance(self.x_train, dict):
+            return {k: tuple(v.shape[1:]) for k, v in self.x_train.items()}
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's target (``()`` for a class label or a scalar target)."""
+        return () if self.y_train is None else tuple(self.y_train.shape[1:])
+
+    @property
+    def outputs(self) -> int:
+        """How many outputs a model needs: the classes, the target's size, or (unsupervised)
+        the input's size (an autoencoder)."""
+        if self.task == "classify":
+            return self.classes
+        if self.task == "regress":
+            return math.prod(self.target_shape)
+        if isinstance(self.x_train, dict):
+            raise ValueError("an unsupervised model of several inputs has no single output size")
+        return math.prod(self.input_shape)
+
+    def __len__(self) -> int:
+        return num_samples(self.x_train)
+
     def describe(self) -> str:
+        kind = {
+            "classify": f"{self.classes} classes",
+            "regress": f"regression, targets {self.target_shape or 'scalar'}",
+            "unsupervised": "no targets",
+        }[self.task]
+        mapped = f", mapped from {len(self.files)} .npy file(s)" if self.files else ""
         return (
-            f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test samples, "
-            f"input {self.input_shape}, {self.classes} classes"
+            f"{self.name}: {len(self)} train / {num_samples(self.x_test)} test samples, "
+            f"input {self.input_shape}, {kind}{mapped}"
         )
 
 
-def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim < 2:
-        raise ValueError(f"{what}: x must have shape (samples, features...), got {x.shape}")
-    if y.ndim != 1:
-        raise ValueError(f"{what}: y must be one label per sample (1-D), got shape {y.shape}")
-    if len(x) != len(y):
-        raise ValueError(f"{what}: x has {len(x)} samples but y has {len(y)}; they must match")
+def num_samples(x: Inputs) -> int:
+    """Rows of ``x`` (of its first array, for named inputs)."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def take(x: Inputs, index: Any) -> Inputs:
+    """``x[index]`` of one array or of each named array."""
+    return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
+
+
+def _check_inputs(x: Any, what: str) -> Inputs:
+    if isinstance(x, dict):
+        if not x:
+            raise ValueError(f"{what}: a dict of inputs needs at least one array")
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str) or not k.isidentifier():
+                raise ValueError(
+                    f"{what}: input names must be identifiers (they become argument names), got {k!r}"
+                )
+            out[k] = _check_array(v, f"{what}: x[{k!r}]")
+        lengths = {k: len(v) for k, v in out.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"{what}: the inputs have different numbers of samples {lengths}; they must match"
+            )
+        return out
+    return _check_array(x, f"{what}: x")
+
+
+def is_mapped(a: Any) -> bool:
+    """Whether ``a`` is a whole ``.npy`` file mapped into memory (``np.load(path,
+    mmap_mode="r")``): those are never copied; workers map the file themselves."""
+    return isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename is not None
+
+
+def _check_array(x: Any, what: str) -> np.ndarray:
+    mapped = is_mapped(x)
+    x = x if mapped else np.asarray(x)
+    if x.ndim < 1 or (x.ndim < 2 and not what.endswith("]")):
+        raise ValueError(f"{what} must have shape (samples, features...), got {x.shape}")
     if len(x) == 0:
         raise ValueError(f"{what}: no samples")
     if x.dtype.kind not in "biuf":
-        raise TypeError(f"{what}: x must be numeric, got dtype {x.dtype}")
-    if y.dtype.kind == "f":
-        bad = np.flatnonzero(y != np.round(y))  # NaN included
-        if len(bad):
-            raise TypeError(
-                f"{what}: y must hold integer class labels, found {float(y[bad[0]])} (sample {bad[0]}); "
-                "relabel the classes as 0..classes-1"
-            )
-    elif y.dtype.kind not in "iu":
-        raise TypeError(f"{what}: y must hold integer class labels, got dtype {y.dtype}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{what}: x contains NaN or Inf")
+        raise TypeError(f"{what} must be numeric, got dtype {x.dtype}")
     # Token ids (int32/int64) keep their dtype: float32 would round odd ids above 2**24.
     # Other inputs become float32 (narrow ints, bools and uint8 pixels are exact there).
-    dtype = x.dtype if x.dtype in _ID_DTYPES else np.float32
-    return np.ascontiguousarray(x, dtype=dtype), y.astype(np.int64)
+    dtype = x.dtype if x.dtype in _KEPT_DTYPES else np.dtype(np.float32)
+    if mapped:
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{what}: a memory-mapped array must be in C order; save it with np.save")
+        if x.dtype != dtype:
+            raise TypeError(
+                f"{what}: a memory-mapped array is used as it is, and {x.dtype} is not a dtype "
+                "models take; save it as float32 (or int32/int64 ids)"
+            )
+        return x  # not read here: it may be larger than memory
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} contains NaN or Inf")
+    return np.ascontiguousarray(x, dtype=dtype)
 
 
-_ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
-"""Input dtypes kept as they are (ids); every other input is cast to float32."""
+_KEPT_DTYPES = (np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.int64))
+"""Input dtypes kept as they are (float32, and ids); every other input is cast to float32."""
+
+
+def infer_task(y: Any) -> str:
+    """The task targets ``y`` imply: none -> unsupervised, floats -> regress, integers -> classify."""
+    if y is None:
+        return "unsupervised"
+    return "regress" if np.asarray(y).dtype.kind == "f" else "classify"
+
+
+def _check_targets(y: Any, n: int, task: str, what: str) -> np.ndarray | None:
+    if task == "unsupervised":
+        if y is not None:
+            raise ValueError(
+                f"{what}: task 'unsupervised' takes no targets; drop y, or use task 'regress' or 'classify'"
+            )
+        return None
+    if y is None:
+        raise ValueError(f"{what}: task {task!r} needs targets y; use task 'unsupervised' for none")
+    mapped = is_mapped(y)
+    y = y if mapped else np.asarray(y)
+    if len(y) != n:
+        raise ValueError(f"{what}: x has {n} samples but y has {len(y)}; they must match")
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"{what}: y must be numeric, got dtype {y.dtype}")
+    if task == "classify":
+        if y.ndim != 1:
+            raise ValueError(
+                f"{what}: y must be one class label per sample (1-D), got shape {y.shape}; "
+                "for float targets of this shape use task 'regress'"
+            )
+        if y.dtype.kind == "f":
+            bad = np.flatnonzero(y != np.round(y))  # NaN included
+            if len(bad):
+                raise TypeError(
+                    f"{what}: y must hold integer class labels, found {float(y[bad[0]])} "
+                    f"(sample {bad[0]}); relabel the classes as 0..classes-1, or use task 'regress'"
+                )
+        if mapped and y.dtype == np.int64:
+            return y
+        return np.ascontiguousarray(y, dtype=np.int64)
+    if mapped:
+        if y.dtype != np.float32:
+            raise TypeError(f"{what}: memory-mapped regression targets must be float32, got {y.dtype}")
+        return y
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    if not np.all(np.isfinite(y)):
+        raise ValueError(f"{what}: y contains NaN or Inf")
+    return y
+
+
+def _shape_of(x: Inputs) -> Any:
+    return {k: v.shape[1:] for k, v in x.items()} if isinstance(x, dict) else x.shape[1:]
 
 
 def make_dataset(
-    x: np.ndarray,
-    y: np.ndarray,
+    x: Any,
+    y: Any = None,
     *,
-    x_test: np.ndarray | None = None,
-    y_test: np.ndarray | None = None,
+    x_test: Any = None,
+    y_test: Any = None,
     classes: int | None = None,
+    task: str | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
     name: str = "data",
 ) -> Dataset:
     """Check arrays and build a :class:`Dataset`, splitting off a test set if none is given.
 
-    The training split is shuffled (with ``seed``) so that contiguous batches mix classes.
+    ``task`` (``classify``, ``regress``, ``unsupervised``) is inferred from ``y`` when
+    None: no targets, float targets, integer labels. The training split is shuffled
+    (with ``seed``) so that contiguous batches mix classes, except memory-mapped arrays:
+    they are never copied, so their split is by rows (the last ``test_fraction`` is the
+    test set) and their order is the file's.
     """
-    x, y = _check_xy(x, y, "training data")
-    # Labels are checked before any split, and named as the caller gave them: a bad label
-    # in y must not be reported as one of the "test labels" a split happened to draw.
-    if x_test is None and y_test is None:
-        _check_labels(y, "y: training labels", int(y.max()) + 1 if classes is None else classes)
+    if task is None:
+        task = infer_task(y)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    x = _check_inputs(x, "training data")
+    n = num_samples(x)
+    y = _check_targets(y, n, task, "training data")
+    if task == "classify":
+        # Labels are checked before any split, and named as the caller gave them: a bad label
+        # in y must not be reported as one of the "test labels" a split happened to draw.
+        if x_test is None and y_test is None:
+            _check_labels(y, "y: training labels", int(y.max()) + 1 if classes is None else classes)
+    elif classes:
+        raise ValueError(f"classes applies to classification; the task is {task!r}")
+    files = {k: (a.filename, 0, len(a)) for k, a in _named_arrays(x, y).items() if is_mapped(a)}
+    mapped = bool(files)
     rng = np.random.default_rng(seed)
-    if x_test is None and y_test is None:
-        order = rng.permutation(len(x))
-        n_test = max(1, int(round(len(x) * test_fraction)))
-        if n_test >= len(x):
+    if x_test is None and (y_test is None or task == "unsupervised"):
+        n_test = max(1, int(round(n * test_fraction)))
+        if n_test >= n:
             raise ValueError(f"test_fraction {test_fraction} leaves no training samples")
-        test, train = order[:n_test], order[n_test:]
-        x, y, x_test, y_test = x[train], y[train], x[test], y[test]
-    elif x_test is None or y_test is None:
+        if mapped:  # rows, no copy: the first n - n_test rows train
+            train, test = slice(0, n - n_test), slice(n - n_test, n)
+            files = {k: (path, lo, lo + n - n_test) for k, (path, lo, _) in files.items()}
+        else:
+            order = rng.permutation(n)
+            test, train = order[:n_test], order[n_test:]
+        x_test, x = take(x, test), take(x, train)
+        if y is not None:
+            y_test, y = y[test], y[train]
+    elif x_test is None or (y_test is None and task != "unsupervised"):
         raise ValueError("give both x_test and y_test, or neither (a split is then made)")
     else:
-        x_test, y_test = _check_xy(x_test, y_test, "test data")
-        if x_test.shape[1:] != x.shape[1:]:
-            raise ValueError(f"test inputs have shape {x_test.shape[1:]}, training inputs {x.shape[1:]}")
-        order = rng.permutation(len(x))
-        x, y = x[order], y[order]
-    if classes is None:
-        classes = int(max(y.max(), y_test.max())) + 1
-        samples = len(y) + len(y_test)
-        if classes > max(MAX_SPARSE_CLASSES, samples):
-            # Labels 0..classes-1 with most classes never seen: a typo or a bad column,
-            # and every model's output layer would be sized by it.
-            label = int(max(y.max(), y_test.max()))
-            raise ValueError(
-                f"label {label} implies {classes} classes, but the data has only {samples} samples; "
-                "relabel the classes as 0..classes-1"
-            )
-    for arr, what in ((y, "y: training labels"), (y_test, "y_test: test labels")):
-        _check_labels(arr, what, classes)
-    return Dataset(np.ascontiguousarray(x), np.ascontiguousarray(y), x_test, y_test, classes, name)
+        x_test = _check_inputs(x_test, "test data")
+        y_test = _check_targets(y_test, num_samples(x_test), task, "test data")
+        if _shape_of(x_test) != _shape_of(x):
+            raise ValueError(f"test inputs have shape {_shape_of(x_test)}, training inputs {_shape_of(x)}")
+        if y is not None and y_test.shape[1:] != y.shape[1:]:
+            raise ValueError(f"test targets have shape {y_test.shape[1:]}, training targets {y.shape[1:]}")
+        if not mapped:
+            order = rng.permutation(n)
+            x, y = take(x, order), None if y is None else y[order]
+    if task == "classify":
+        assert y is not None and y_test is not None
+        if classes is None:
+            classes = int(max(y.max(), y_test.max())) + 1
+            samples = len(y) + len(y_test)
+            if classes > max(MAX_SPARSE_CLASSES, samples):
+                # Labels 0..classes-1 with most classes never seen: a typo or a bad column,
+                # and every model's output layer would be sized by it.
+                label = classes - 1
+                raise ValueError(
+                    f"label {label} implies {classes} classes, but the data has only {samples} samples; "
+                    "relabel the classes as 0..classes-1"
+                )
+        for arr, what in ((y, "y: training labels"), (y_test, "y_test: test labels")):
+            _check_labels(arr, what, classes)
+    if not mapped:
+        x = (
+            {k: np.ascontiguousarray(v) for k, v in x.items()}
+            if isinstance(x, dict)
+            else np.ascontiguousarray(x)
+        )
+        y = None if y is None else np.ascontiguousarray(y)
+    return Dataset(x, y, x_test, y_test, classes or 0, name, task, files)
+
+
+def _named_arrays(x: Inputs, y: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The arrays of a split by their key in the data segment: ``x`` or ``x/<name>``, ``y``."""
+    out = {f"x/{k}": v for k, v in x.items()} if isinstance(x, dict) else {"x": x}
+    return out if y is None else {**out, "y": y}
 
 
 MAX_SPARSE_CLASSES = 1000
@@ -151,20 +322,26 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     return make_dataset(x, d.target, classes=10, test_fraction=test_fraction, seed=seed, name="digits")
 
 
-def load_npz(path: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """A ``.npz`` with arrays ``x`` and ``y`` (and optionally ``x_test``, ``y_test``)."""
+def _check_file(path: str, suffix: str) -> None:
+    example = "np.savez(path, x=x, y=y)" if suffix == ".npz" else "np.save(path, x)"
     if os.path.isdir(path):
-        raise ValueError(f"data file {path!r} is a directory; pass 'digits' or a .npz file")
+        raise ValueError(f"data file {path!r} is a directory; pass 'digits' or a {suffix} file")
     if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} does not exist; pass 'digits' or a .npz path")
+        raise ValueError(f"data file {path!r} does not exist; pass 'digits' or a {suffix} path")
     with open(path, "rb") as f:
         head = f.read(6)
     if not head.startswith(b"PK") and head != b"\x93NUMPY":
         # np.load would call any other bytes "pickled data" and suggest allow_pickle.
         raise ValueError(
-            f"{path!r} is not a NumPy .npz file (empty, text or other bytes); "
-            "save it with np.savez(path, x=x, y=y)"
+            f"{path!r} is not a NumPy {suffix} file (empty, text or other bytes); save it with {example}"
         )
+
+
+def load_npz(path: str, *, test_fraction: float = 0.2, seed: int = 0, task: str | None = None) -> Dataset:
+    """A ``.npz`` with arrays ``x`` and ``y`` (and optionally ``x_test``, ``y_test``); without
+    ``y``, an unsupervised data set. Its arrays are read into memory (a ``.npz`` is a zip,
+    it cannot be mapped): for data larger than memory use :func:`load_npy`."""
+    _check_file(path, ".npz")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -180,45 +357,142 @@ def load_npz(path: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset
         raise ValueError(f"{path!r} is not a NumPy .npz file of plain arrays: {e}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path!r} is not a NumPy .npz file (truncated or damaged?): {e}") from None
-    if "x" not in arrays or "y" not in arrays:
+    if "x" not in arrays or ("y" not in arrays and task != "unsupervised"):
         raise ValueError(
-            f"{path!r} has arrays {sorted(arrays)}; it needs 'x' (inputs) and 'y' (labels), "
-            "e.g. np.savez(path, x=x, y=y)"
+            f"{path!r} has arrays {sorted(arrays)}; it needs 'x' (inputs) and 'y' (targets), "
+            "e.g. np.savez(path, x=x, y=y), or 'x' alone with task 'unsupervised'"
         )
     return make_dataset(
-        arrays["x"], arrays["y"], x_test=arrays.get("x_test"), y_test=arrays.get("y_test"),
-        test_fraction=test_fraction, seed=seed, name=os.path.basename(path),
+        arrays["x"], arrays.get("y"), x_test=arrays.get("x_test"), y_test=arrays.get("y_test"),
+        task=task, test_fraction=test_fraction, seed=seed, name=os.path.basename(path),
     )  # fmt: skip
 
 
-def load(spec: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """``'digits'`` or a path to a ``.npz`` file."""
+def map_npy(path: str) -> np.ndarray:
+    """The ``.npy`` file at ``path``, mapped read-only (nothing is read until used)."""
+    _check_file(path, ".npy")
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path!r} is not a NumPy .npy file of plain numbers: {e}") from None
+    if not isinstance(a, np.memmap):
+        raise ValueError(f"{path!r} is not a single array (.npy); save it with np.save(path, x)")
+    return a
+
+
+def load_npy(
+    x: str | dict[str, str],
+    y: str | None = None,
+    *,
+    x_test: str | dict[str, str] | None = None,
+    y_test: str | None = None,
+    task: str | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """A data set of ``.npy`` files (inputs ``x``: a path, or paths by input name; targets
+    ``y``: a path, or None for unsupervised), **memory-mapped, never copied**: the
+    server and every worker map the same files and read their batches in place through
+    the page cache, so a data set larger than ``/dev/shm``, or than memory, trains.
+
+    Arrays are used as saved: float32 inputs (int32/int64 ids), int64 labels or float32
+    targets, in C order. Nothing is shuffled (that would copy): the last
+    ``test_fraction`` of the rows is the test split unless ``x_test`` is given, and each
+    epoch visits the batches (contiguous rows) in a new order, so save the rows shuffled
+    if the file is sorted (by class, by time).
+    """
+
+    def mapped(p: str | dict[str, str] | None) -> Any:
+        if p is None:
+            return None
+        return {k: map_npy(v) for k, v in p.items()} if isinstance(p, dict) else map_npy(p)
+
+    name = os.path.basename(x if isinstance(x, str) else next(iter(x.values())))
+    return make_dataset(
+        mapped(x), mapped(y), x_test=mapped(x_test), y_test=mapped(y_test), task=task,
+        test_fraction=test_fraction, seed=seed, name=name,
+    )  # fmt: skip
+
+
+def load(
+    spec: str, *, test_fraction: float = 0.2, seed: int = 0, task: str | None = None, targets: str = ""
+) -> Dataset:
+    """``'digits'``, a path to a ``.npz`` file, or a ``.npy`` file of inputs (mapped; its
+    targets in the ``.npy`` file ``targets``, none for an unsupervised task)."""
     if spec == "digits":
+        if task not in (None, "classify"):
+            raise ValueError(f"digits is a classification data set; task {task!r} does not apply")
         return load_digits(test_fraction=test_fraction, seed=seed)
+    if targets and not spec.endswith(".npy"):
+        raise ValueError("targets (a .npy file of targets) goes with a .npy file of inputs")
     if spec.endswith(".npz"):
-        return load_npz(spec, test_fraction=test_fraction, seed=seed)
-    raise ValueError(f"unknown data set {spec!r}; pass 'digits' or a path ending in .npz")
+        return load_npz(spec, test_fraction=test_fraction, seed=seed, task=task)
+    if spec.endswith(".npy"):
+        return load_npy(spec, targets or None, task=task, test_fraction=test_fraction, seed=seed)
+    raise ValueError(f"unknown data set {spec!r}; pass 'digits' or a path ending in .npz or .npy")
 
 
-def as_dataset(data: Any, seed: int) -> Dataset:
-    """``data`` as a :class:`Dataset`: a Dataset, ``(x, y)`` or ``(x, y, x_test, y_test)``."""
+def as_dataset(data: Any, seed: int, task: str | None = None) -> Dataset:
+    """``data`` as a :class:`Dataset`: a Dataset, ``(x, y)`` or ``(x, y, x_test, y_test)``
+    (``x`` an array or a dict of named arrays, ``y`` None for an unsupervised task), a
+    map-style ``torch.utils.data.Dataset`` or a finite ``tf.data.Dataset`` (read once,
+    into memory; a test split is held out)."""
     if isinstance(data, Dataset):
+        if task is not None and task != data.task:
+            raise ValueError(f"the data is for task {data.task!r}, the config asks for {task!r}")
         return data
     if isinstance(data, tuple) and len(data) == 2:
-        return make_dataset(data[0], data[1], seed=seed)
+        return make_dataset(data[0], data[1], task=task, seed=seed)
     if isinstance(data, tuple) and len(data) == 4:
-        return make_dataset(data[0], data[1], x_test=data[2], y_test=data[3], seed=seed)
+        return make_dataset(data[0], data[1], x_test=data[2], y_test=data[3], task=task, seed=seed)
+    if isinstance(data, np.ndarray | dict):
+        return make_dataset(data, None, task=task or "unsupervised", seed=seed)
+    from .sources import read_source
+
+    arrays = read_source(data)
+    if arrays is not None:
+        return make_dataset(*arrays, task=task, seed=seed, name=type(data).__name__)
     raise TypeError(
-        f"data must be a paramserver.Dataset, (x, y) or (x, y, x_test, y_test); got {type(data).__name__}"
+        "data must be a paramserver.Dataset, (x, y), (x, y, x_test, y_test), a torch.utils.data.Dataset "
+        f"or a tf.data.Dataset; got {type(data).__name__}"
     )
 
 
-def share_training_data(data: Dataset) -> Segment:
-    """Write the training split into a new segment (the caller owns and unlinks it)."""
-    seg = Segment.create(Layout.from_arrays({"x": data.x_train, "y": data.y_train}), {"kind": "data"})
-    seg["x"][...] = data.x_train
-    seg["y"][...] = data.y_train
-    return seg
+class TrainingData:
+    """The training split as a worker sees it: the arrays in the data segment (``segment``,
+    None when all of them are mapped files) and those left in their ``.npy`` files
+    (``files``: key -> path and row range). Pickles to the names, not the bytes."""
+
+    def __init__(self, segment: Segment | None, files: dict[str, tuple[str, int, int]]):
+        self.segment = segment
+        self.files = files
+
+    def arrays(self) -> tuple[Inputs, np.ndarray | None]:
+        """The inputs (one array or named arrays) and targets (None: unsupervised), in place."""
+        found: dict[str, np.ndarray] = {}
+        if self.segment is not None:
+            found.update({f.name: self.segment[f.name] for f in self.segment.layout})
+        for key, (path, lo, hi) in self.files.items():
+            found[key] = np.load(path, mmap_mode="r", allow_pickle=False)[lo:hi]
+        y = found.pop("y", None)
+        x = found["x"] if "x" in found else {k.removeprefix("x/"): v for k, v in found.items()}
+        return x, y
+
+    def close(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+
+
+def share_training_data(data: Dataset) -> tuple[Segment | None, TrainingData]:
+    """Write the training split, except its mapped files, into a new segment (the caller
+    owns and unlinks it; None when every array is a mapped file)."""
+    arrays = {k: a for k, a in _named_arrays(data.x_train, data.y_train).items() if k not in data.files}
+    seg = None
+    if arrays:
+        seg = Segment.create(Layout.from_arrays(arrays), {"kind": "data"})
+        for k, a in arrays.items():
+            seg[k][...] = a
+    return seg, TrainingData(seg, dict(data.files))
 
 
 def shard(n: int, rank: int, workers: int) -> tuple[int, int]:

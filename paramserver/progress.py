@@ -64,6 +64,8 @@ class Progress:
         self.history: list[tuple[float, np.ndarray]] = []
         self.last_draw = 0.0 if not self.tty else -1e9
         self._bar: Any = None
+        self.note = ""
+        """The latest evaluation's figures (``test_accuracy 0.95``), shown at the end of the line."""
 
     def update(self, elapsed: float, rows: Counters, loss: float | None) -> None:
         self.history.append((elapsed, np.stack([rows.column("samples"), rows.column("steps")], axis=1)))
@@ -112,6 +114,8 @@ class Progress:
             text += f" | {nonfinite} non-finite skipped"
         if restarts:
             text += f" | {restarts} restarts"
+        if self.note:
+            text += f" | {self.note}"
         return text
 
     def _draw(self, text: str, fraction: float | None) -> None:

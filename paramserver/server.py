@@ -43,9 +43,10 @@ from .asynchrony import StaleFirst
 from .checkpoint import FILENAME as CHECKPOINT_FILENAME
 from .checkpoint import PARAMS_FILENAME, Checkpoint, load_checkpoint, save_checkpoint, save_params
 from .config import RunConfig, TrainConfig
-from .data import Dataset, shard, share_training_data
+from .data import Dataset, num_samples, shard, share_training_data, take
 from .layout import Layout
 from .machine import machine_info, usable_cores
+from .metrics import Metric, resolve
 from .progress import Progress
 from .store import (
     PREFIX,
@@ -465,6 +466,10 @@ class TrainResult:
     """The final checkpoint's path (when the run had an output directory)."""
     version: int = 0
     """Global update count at the end, including a resumed checkpoint's updates."""
+    metric: str | None = None
+    """The name of the metric scored on the test split (``target_metric``)."""
+    test_metric: float | None = None
+    """Its value at the end (None without a test split)."""
 
     @property
     def staleness(self) -> dict[str, float]:
@@ -476,10 +481,16 @@ class TrainResult:
         return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
 
     def summary(self) -> str:
-        acc = "n/a" if self.test_accuracy is None else f"{100 * self.test_accuracy:.2f}%"
+        if self.metric in (None, "accuracy"):
+            acc = "n/a" if self.test_accuracy is None else f"{100 * self.test_accuracy:.2f}%"
+            score = f"test accuracy {acc}"
+        else:
+            score = f"test {self.metric} " + (
+                "n/a" if self.test_metric is None else f"{self.test_metric:.4g}"
+            )
         loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
         out = (
-            f"stopped by {self.stop_reason}: test accuracy {acc}, loss {loss}, "
+            f"stopped by {self.stop_reason}: {score}, loss {loss}, "
             f"{self.updates} updates, {self.samples} samples in {self.train_seconds:.2f} s "
             f"({self.samples_per_second:,.0f} samples/s; start-up {self.startup_seconds:.2f} s)"
         )
@@ -494,6 +505,8 @@ class TrainResult:
         return {
             "stop_reason": self.stop_reason,
             "test_accuracy": self.test_accuracy,
+            "metric": self.metric,
+            "test_metric": self.test_metric,
             "final_loss": self.final_loss,
             "updates": self.updates,
             "samples": self.samples,
@@ -511,8 +524,9 @@ class TrainResult:
 
 
 class SupervisedJob(Job):
-    """Supervised training: the training split in a data segment, each worker a shard
-    of it; stops on epochs, steps, a target loss or accuracy; evaluates on the test split."""
+    """Supervised training: the training split in a data segment (or its mapped files),
+    each worker a shard of it; stops on epochs, steps, a target loss, accuracy or metric;
+    evaluates on the test split."""
 
     def __init__(
         self,
@@ -524,10 +538,18 @@ class SupervisedJob(Job):
         *,
         callback: Callable[[dict[str, Any]], bool | None] | None = None,
     ):
-        if len(data.x_train) < config.workers:
+        if len(data) < config.workers:
             raise ValueError(
                 f"{config.workers} workers need at least one training sample each, "
-                f"the data has {len(data.x_train)}; use fewer workers"
+                f"the data has {len(data)}; use fewer workers"
+            )
+        if config.task != "auto" and config.task != data.task:
+            raise ValueError(f"the data is for task {data.task!r}, the config asks for {config.task!r}")
+        self.metric = resolve(config.target_metric, data.task, config.target_direction)
+        if config.target_accuracy is not None and data.task != "classify":
+            raise ValueError(
+                f"target_accuracy applies to classification; the task is {data.task!r}: "
+                "use target_metric (r2, mse, mae, loss) with target"
             )
         if init.shape != (layout.flat_size,) or init.dtype != layout.dtype:
             raise ValueError(f"initial parameters must be a flat {layout.dtype} vector of {layout.flat_size}")
@@ -546,11 +568,13 @@ class SupervisedJob(Job):
             self.positions = [(int(epochs.min()), 0)] * self.config.workers
 
     def _batches_per_epoch(self, rank: int) -> int:
-        lo, hi = shard(len(self.data.x_train), rank, self.config.workers)
+        lo, hi = shard(len(self.data), rank, self.config.workers)
         return -(-(hi - lo) // self.config.batch_size)
 
     def prepare(self, server: Server) -> None:
-        self.segment = server.own(share_training_data(self.data))
+        segment, self.training_data = share_training_data(self.data)
+        if segment is not None:
+            server.own(segment)
         cfg = self.config
         base = server.store.version()
         self.remaining = max(0, cfg.steps - base) if cfg.steps else 0
@@ -566,7 +590,9 @@ class SupervisedJob(Job):
         from paramserver.workers.worker import SupervisedTask
 
         cfg = self.config
-        return SupervisedTask(self.spec.via_file(server.tmpdir), self.segment, cfg.batch_size, cfg.epochs)
+        return SupervisedTask(
+            self.spec.via_file(server.tmpdir), self.training_data, cfg.batch_size, cfg.epochs
+        )
 
     def plan(self, server: Server, rank: int) -> dict[str, Any]:
         workers, remaining = self.config.workers, self.remaining
@@ -581,9 +607,10 @@ class SupervisedJob(Job):
 
     def progress(self) -> Progress:
         cfg = self.config
-        return Progress(
-            enabled=cfg.progress, total_samples=cfg.epochs * len(self.data.x_train), steps=cfg.steps
+        self.progress_line = Progress(
+            enabled=cfg.progress, total_samples=cfg.epochs * len(self.data), steps=cfg.steps
         )
+        return self.progress_line
 
     def poll_seconds(self) -> float:
         cfg = self.config
@@ -593,7 +620,10 @@ class SupervisedJob(Job):
 
     @property
     def evaluating(self) -> bool:
-        return self.config.target_accuracy is not None or self.config.target_train_accuracy is not None
+        cfg = self.config
+        return (
+            cfg.target_accuracy is not None or cfg.target_train_accuracy is not None or cfg.target is not None
+        )
 
     def done_reason(self) -> str:
         return "steps" if self.config.steps else "epochs"
@@ -602,11 +632,15 @@ class SupervisedJob(Job):
         self.evaluator = Evaluator(self.spec, self.layout, server.store.params, self.data, self.config.seed)
         self.last_acc: float | None = None
         self.last_train_acc: float | None = None
+        self.last_metric: float | None = None
         self.last_eval_time = 0.0
         self.last_eval_updates = 0
 
     def metrics(self) -> dict[str, Any]:
-        return {"test_accuracy": self.last_acc, "train_accuracy": self.last_train_acc}
+        out = {"test_accuracy": self.last_acc, "train_accuracy": self.last_train_acc}
+        if self.config.target is not None:
+            out[f"test_{self.metric.name}"] = self.last_metric
+        return out
 
     def poll(self, server: Server, elapsed: float, rows: Counters) -> str | None:
         cfg = self.config
@@ -628,7 +662,14 @@ class SupervisedJob(Job):
             if cfg.target_train_accuracy is not None:
                 self.last_train_acc = self.evaluator.accuracy(while_training=True, split="train")
                 record["train_accuracy"] = self.last_train_acc
+            if cfg.target is not None:
+                self.last_metric = self.evaluator.score(self.metric, while_training=True)
+                record[f"test_{self.metric.name}"] = self.last_metric
             self.evaluations.append(record)
+            shown = [f"{k} {v:.4g}" for k, v in record.items() if k not in ("t", "updates") and v is not None]
+            self.progress_line.note = ", ".join(shown)
+            if self.last_metric is not None and self.metric.reached(self.last_metric, cfg.target):  # type: ignore[arg-type]
+                return "target_metric"
             if self.last_acc is not None and self.last_acc >= cfg.target_accuracy:  # type: ignore[operator]
                 return "target_accuracy"
             if self.last_train_acc is not None and self.last_train_acc >= cfg.target_train_accuracy:  # type: ignore[operator]
@@ -637,6 +678,7 @@ class SupervisedJob(Job):
             {
                 "elapsed": elapsed, "updates": updates, "samples": int(rows.column("samples").sum()),
                 "loss": loss, "test_accuracy": self.last_acc, "train_accuracy": self.last_train_acc,
+                "test_metric": self.last_metric,
                 "staleness": rows.staleness(), "restarts": server.restarts,
                 "pids": [p.pid for p in server.processes], "steps": rows.column("steps").astype(int).tolist(),
             }
@@ -649,10 +691,12 @@ class SupervisedJob(Job):
         t_first, t_last = run_span(rows)
         active = [r["loss"] for r in rows if r["steps"] > 0]
         store = server.store
+        accuracy = self.evaluator.accuracy() if self.data.task == "classify" else None
+        score = accuracy if self.metric.name == "accuracy" else self.evaluator.score(self.metric)
         result = TrainResult(
             params={k: v.copy() for k, v in self.layout.unflatten(store.params).items()},
             stop_reason=reason,
-            test_accuracy=self.evaluator.accuracy() if len(self.data.x_test) else None,
+            test_accuracy=accuracy,
             final_loss=float(np.mean(active)) if active else None,
             updates=int(sum(r["steps"] for r in rows)),
             samples=int(sum(r["samples"] for r in rows)),
@@ -663,6 +707,8 @@ class SupervisedJob(Job):
             evaluations=self.evaluations,
             restarts=server.restarts,
             version=store.version(),
+            metric=self.metric.name,
+            test_metric=score,
         )
         del self.evaluator  # its views of the segment must go before the segment closes
         return result
@@ -711,7 +757,7 @@ class ParameterServer(Server):
 
 
 class Evaluator:
-    """Accuracy from the live shared parameters, without pausing the workers
+    """Scores of the live shared parameters on held-out data, without pausing the workers
     (PO3 and striped may show a half-applied update: fine for a progress figure).
 
     ``split="test"``: the held-out split; ``"train"``: a fixed random sample of
@@ -728,19 +774,39 @@ class Evaluator:
         self.backend.for_evaluation(data)
         self.data = data
         self.pools = ThreadpoolController()
-        n = len(data.x_train)
+        n = len(data)
         pick = np.sort(np.random.default_rng(seed).permutation(n)[:TRAIN_EVAL_SAMPLES])
-        self.train_sample = (data.x_train[pick], data.y_train[pick])
+        y = None if data.y_train is None else data.y_train[pick]
+        self.train_sample = (take(data.x_train, pick), y)
 
-    def accuracy(self, *, while_training: bool = False, split: str = "test", chunk: int = 2048) -> float:
+    def _split(self, split: str) -> tuple[Any, Any]:
         x, y = (self.data.x_test, self.data.y_test) if split == "test" else self.train_sample
-        correct = 0
+        return x, x if y is None else y  # unsupervised: the inputs are the targets
+
+    def outputs(self, x: Any, *, while_training: bool = False, chunk: int = 2048) -> Any:
+        """The model's outputs for ``x``, in chunks (concatenated)."""
         threads = 1 if while_training else None
+        parts = []
         with self.pools.limit(limits=threads):
-            for i in range(0, len(x), chunk):
-                logits = self.backend.predict(x[i : i + chunk], threads=threads)
-                correct += int((logits.argmax(axis=1) == y[i : i + chunk]).sum())
-        return correct / len(x)
+            for i in range(0, num_samples(x), chunk):
+                parts.append(self.backend.predict(take(x, slice(i, i + chunk)), threads=threads))
+        return np.concatenate(parts)
+
+    def accuracy(self, *, while_training: bool = False, split: str = "test") -> float:
+        from .metrics import accuracy
+
+        x, y = self._split(split)
+        return accuracy(self.outputs(x, while_training=while_training), np.asarray(y))
+
+    def score(self, metric: Metric, *, while_training: bool = False, split: str = "test") -> float | None:
+        """``metric`` of the current parameters on ``split`` (None: no such split)."""
+        x, y = self._split(split)
+        if not num_samples(x):
+            return None
+        outputs = self.outputs(x, while_training=while_training)
+        if metric.fn is None:  # the backend's own loss
+            return self.backend.loss_of(outputs, y)
+        return float(metric.fn(outputs, y if isinstance(y, dict) else np.asarray(y)))
 
 
 # -- figures and files, for every job ----------------------------------------------------------

@@ -89,3 +89,46 @@ def no_leaked_segments() -> Iterator[None]:
         except FileNotFoundError:
             pass
     assert not leaked, f"test left shared-memory segments or semaphores behind: {sorted(leaked)}"
+
+
+# -- the default run's length -----------------------------------------------------------------
+
+SLOW_VARIANTS = {
+    # Benchmarks: the memory suite starts every contender at once.
+    "tests/test_bench_overhead_memory.py::test_memory_suite_reads_every_process_and_judges_the_target",
+    "tests/test_bench.py::test_every_throughput_contender_measures_a_positive_rate[single]",
+    "tests/test_bench.py::test_every_throughput_contender_measures_a_positive_rate[manager]",
+    "tests/test_bench.py::test_every_throughput_contender_measures_a_positive_rate[paramserver-po1]",
+    # One more variant of a case the default run covers with another parameter.
+    "tests/test_cli.py::test_train_writes_results_and_prints_a_summary[torch-cnn]",
+    "tests/test_tf.py::test_every_policy_runs_two_tf_workers_and_locking_ones_lose_no_update[po1]",
+    "tests/test_tf.py::test_every_policy_runs_two_tf_workers_and_locking_ones_lose_no_update[po2]",
+    "tests/test_tf.py::test_keras_models_reach_95_percent_on_digits_with_two_workers[subclassed]",
+    "tests/test_cluster.py::test_downpour_loses_no_delta[1000]",
+    "tests/test_rl.py::test_a_killed_worker_is_restarted_and_the_run_finishes[a3c-po1]",
+    "tests/test_rl.py::test_a3c_under_a_locking_policy_with_an_env_factory[striped]",
+    "tests/test_training.py::test_one_torch_worker_equals_torch_optim_sgd[po2]",
+    "tests/test_training.py::test_one_torch_worker_equals_torch_optim_sgd[striped]",
+    "tests/test_training.py::test_two_numpy_workers_train_under_every_policy[po2]",
+    "tests/test_training.py::test_two_numpy_workers_train_under_every_policy[striped]",
+    "tests/faults/test_workers.py::test_a_nan_gradient_is_never_applied[po1]",
+    "tests/faults/test_workers.py::test_a_nan_gradient_is_never_applied[po2]",
+    "tests/faults/test_workers.py::test_sigkill_of_a_worker_mid_run_is_survived[po2]",
+    "tests/faults/test_workers.py::test_sigkill_of_a_worker_mid_run_is_survived[striped]",
+    "tests/test_asynchrony.py::test_stale_first_runs_under_every_policy[po1]",
+    "tests/test_asynchrony.py::test_stale_first_runs_under_every_policy[po2]",
+    "tests/test_asynchrony.py::test_stale_first_runs_under_every_policy[striped]",
+    # Covered in the default run by the supervised twin (tests/faults/test_workers.py).
+    "tests/test_rl.py::test_a_hung_worker_is_killed_and_restarted",
+    "tests/test_seam.py::test_rl_without_matplotlib_finishes_with_a_note_and_no_run_prints_a_buffer_error",
+    "tests/test_seam.py::test_an_rl_run_resumed_from_its_checkpoint_continues_its_update_count",
+}
+"""Tests left out of the default run (which must stay well under 15 minutes on 2 cores) and
+run with ``-m slow``: further parameters of cases the default run covers, and benchmarks."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW_VARIANTS:
+            item.add_marker(pytest.mark.slow)

@@ -88,7 +88,7 @@ def test_npz_without_the_expected_arrays_exits_2(tmp_path):
     np.savez(tmp_path / "bad.npz", features=np.zeros((4, 2)))
     proc = cli("train", "--data", str(tmp_path / "bad.npz"), "--out-dir", str(tmp_path / "r"))
     assert proc.returncode == 2
-    assert "it needs 'x' (inputs) and 'y' (labels)" in proc.stderr
+    assert "it needs 'x' (inputs) and 'y' (targets)" in proc.stderr
 
 
 def test_inspect_shows_layout_and_counters_of_a_live_segment_and_leaves_it_alive():

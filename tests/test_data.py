@@ -69,7 +69,7 @@ def test_one_dimensional_x():
 def test_two_dimensional_y():
     x, y = _xy(10)
 
-    with pytest.raises(ValueError, match=r"y must be one label per sample \(1-D\)"):
+    with pytest.raises(ValueError, match=r"y must be one class label per sample \(1-D\)"):
         make_dataset(x, y.reshape(10, 1))
 
 
@@ -122,7 +122,7 @@ def test_non_integer_labels():
     x, y = _xy(10)
 
     with pytest.raises(TypeError, match="y must hold integer class labels"):
-        make_dataset(x, y + 0.5)
+        make_dataset(x, y + 0.5, task="classify")
 
 
 def test_non_numeric_x():
@@ -206,7 +206,7 @@ def test_classes_inferred_from_both_splits():
 def test_float_labels_that_are_whole_numbers_are_accepted():
     x, y = _xy(20)
 
-    d = make_dataset(x, y.astype(np.float64))
+    d = make_dataset(x, y.astype(np.float64), task="classify")
 
     assert d.y_train.dtype == np.int64
     assert set(np.concatenate([d.y_train, d.y_test])) == set(range(5))
@@ -336,7 +336,9 @@ def test_load_npz_other_non_npz_files_raise_value_error(tmp_path, write):
 def test_share_training_data():
     d = make_dataset(*_xy(30))
 
-    with share_training_data(d) as seg:
+    seg, shared = share_training_data(d)
+    assert shared.files == {}
+    with seg:
         assert isinstance(seg, Segment)
         assert seg.meta == {"kind": "data"}
         np.testing.assert_array_equal(seg["x"], d.x_train)

@@ -107,24 +107,24 @@ def test_import_paramserver_does_not_import_tensorflow():
 def test_layout_comes_from_the_trainable_variables_in_order(tf, digits):
     from paramserver.workers.tf_backend import model_spec
 
-    spec, layout, init = model_spec(ps.KerasModel(bn_mlp), None, (64,), digits.x_train)
+    spec, layout, init = model_spec(ps.KerasModel(bn_mlp), None, digits)
     assert spec.backend == "tf"
     assert [f.shape for f in layout] == [(64, 32), (32,), (32,), (32,), (32, 10), (10,)]
     assert layout.names[2:4] == [n for n in layout.names if "batch_normalization" in n]  # gamma, beta
     assert not any("moving" in n for n in layout.names), "batch-norm statistics are not trained"
     assert layout.dtype == np.float32 and init.shape == (layout.flat_size,)
     # Subclassed: built on zeros of the data's input shape; tf.Module: unique names.
-    _, sub, _ = model_spec(ps.KerasModel(subclassed_mlp), None, (64,), digits.x_train)
+    _, sub, _ = model_spec(ps.KerasModel(subclassed_mlp), None, digits)
     assert [f.shape for f in sub] == [(64, 64), (64,), (64, 10), (10,)]
     module = ps.KerasModel(functools.partial(constant_grad_module, 5))
-    _, mod, _ = model_spec(module, None, (4,), digits.x_train)
+    _, mod, _ = model_spec(module, None, ps.make_dataset(np.zeros((8, 4)), np.arange(8) % 2))
     assert mod.names == ["w"]
 
 
 def test_pull_copies_the_shared_parameters_and_never_aliases_them(tf, digits):
     from paramserver.workers.tf_backend import TFBackend, model_spec
 
-    spec, layout, init = model_spec(ps.KerasModel(seeded_mlp), None, (64,), digits.x_train)
+    spec, layout, init = model_spec(ps.KerasModel(seeded_mlp), None, digits)
     with ps.ParamStore.create_for(layout, workers=1) as store:
         store.params[...] = init
         grad = np.zeros_like(store.params)
@@ -164,7 +164,7 @@ def test_fused_and_split_steps_give_the_same_loss_and_gradient(tf, digits):
     """po3/striped compute the gradient in forward(), po1/po2 in backward(): same numbers."""
     from paramserver.workers.tf_backend import TFBackend, model_spec
 
-    spec, layout, init = model_spec(ps.KerasModel(bn_mlp), None, (64,), digits.x_train)
+    spec, layout, init = model_spec(ps.KerasModel(bn_mlp), None, digits)
     x, y = digits.x_train[:32], digits.y_train[:32]
     out = {}
     for fused in (True, False):
@@ -186,7 +186,7 @@ def test_fused_and_split_steps_give_the_same_loss_and_gradient(tf, digits):
 def test_server_copy_re_estimates_batch_norm_statistics_from_training_data(tf, digits):
     from paramserver.workers.tf_backend import TFBackend, model_spec
 
-    spec, layout, init = model_spec(ps.KerasModel(bn_mlp), None, (64,), digits.x_train)
+    spec, layout, init = model_spec(ps.KerasModel(bn_mlp), None, digits)
     backend = TFBackend(spec, layout, init, None)
     model = backend.trained_model()
     mean = next(v for v in model.non_trainable_variables if "moving_mean" in v.path)

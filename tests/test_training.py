@@ -242,8 +242,14 @@ def test_adam_with_shared_and_per_worker_state_trains(digits):
 
 
 class Exploding(NumpyMLP):
+    """Raises in a worker's backward pass (the server's own check of the model passes)."""
+
     def backward(self, params, cache, dlogits, grads):
-        raise RuntimeError("boom in user code")
+        import multiprocessing
+
+        if multiprocessing.current_process().name.startswith("paramserver-worker"):
+            raise RuntimeError("boom in user code")
+        return super().backward(params, cache, dlogits, grads)
 
 
 # The failing worker's traceback keeps views of the segment alive in this process for a

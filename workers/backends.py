@@ -22,6 +22,7 @@ import importlib
 import os
 import pickle
 import tempfile
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from paramserver import portable
+from paramserver.data import num_samples, take
 from paramserver.layout import Layout
 from paramserver.optim import coalesce
 from paramserver.portable import ByValue
@@ -45,9 +47,10 @@ class ModelSpec:
     pickled ``KerasModel`` (a factory) for tf, or the ``NumpyModel`` itself.
     Pickled with cloudpickle (:mod:`paramserver.portable`), so that definitions
     from a notebook or ``python -`` travel by value.
-    ``loss`` is a picklable ``loss(logits, labels)`` for torch (default
-    cross-entropy), ``loss(labels, logits)`` as in Keras for tf (default sparse
-    categorical cross-entropy from logits).
+    ``loss`` is a picklable ``loss(outputs, targets)`` for torch, ``loss(targets,
+    outputs)`` as in Keras for tf; for an unsupervised task the targets are the
+    inputs. Its default follows the task: cross-entropy from logits for
+    classification, mean squared error otherwise.
     """
 
     backend: str
@@ -55,6 +58,8 @@ class ModelSpec:
     loss: Callable[..., Any] | None = None
     sparse: tuple[str, ...] = ()
     """Tensors whose gradients arrive as rows (the update rule must support rows)."""
+    task: str = "classify"
+    """What the targets are (:data:`paramserver.data.TASKS`): it picks the default loss."""
 
     def via_file(self, directory: str) -> ModelSpec:
         """This spec with a bytes payload moved to a private file (read by ``load``).
@@ -71,7 +76,7 @@ class ModelSpec:
         fd, path = tempfile.mkstemp(prefix="model-", suffix=".pkl", dir=directory)  # mode 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return ModelSpec(self.backend, _PayloadFile(path), self.loss, self.sparse)
+        return ModelSpec(self.backend, _PayloadFile(path), self.loss, self.sparse, self.task)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # A loss or a NumPy model defined in a notebook or ``python -`` has no module a
@@ -81,7 +86,7 @@ class ModelSpec:
         if not isinstance(payload, bytes | _PayloadFile):
             payload = ByValue(payload, "the model")
         loss = None if self.loss is None else ByValue(self.loss, "the loss")
-        return ModelSpec, (self.backend, payload, loss, self.sparse)
+        return ModelSpec, (self.backend, payload, loss, self.sparse, self.task)
 
     def load(self) -> Any:
         """The model object (unpickled from bytes or from the file of ``via_file``)."""
@@ -158,8 +163,9 @@ class Backend(ABC):
         """Prepare this instance to score the live parameters (the server's copy)."""
 
     @abstractmethod
-    def forward(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Loss of the batch; keeps what ``backward`` needs."""
+    def forward(self, x: Any, y: np.ndarray | None) -> float:
+        """Loss of the batch (``x`` one array or named arrays; ``y`` None for an unsupervised
+        task: the loss compares the outputs with the inputs); keeps what ``backward`` needs."""
 
     @abstractmethod
     def backward(self) -> list[SparseRows] | None:
@@ -167,9 +173,107 @@ class Backend(ABC):
         dense part), and return the coalesced rows of the tensors in :attr:`sparse`."""
 
     @abstractmethod
-    def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-        """Logits for ``x`` with the current parameters (no gradient), using at most
-        ``threads`` threads of the framework's own pool if given."""
+    def predict(self, x: Any, threads: int | None = None) -> np.ndarray:
+        """Outputs (logits) for ``x`` with the current parameters (no gradient), using at
+        most ``threads`` threads of the framework's own pool if given."""
+
+    @abstractmethod
+    def loss_of(self, outputs: np.ndarray, targets: Any) -> float:
+        """The training loss of ``outputs`` (of :meth:`predict`) against ``targets``."""
+
+    @classmethod
+    def check_data(cls, spec: ModelSpec, layout: Layout, init: np.ndarray, data: Any) -> None:
+        """Prove, before any worker starts, that the model takes the data: one forward and
+        backward pass on two training samples, in this process, on a copy of the initial
+        parameters. A failure is a ValueError saying what to change."""
+        check_loss_for_task(spec)
+        grad = np.zeros_like(init)
+        # A copy of the model: the user's own object (a NumPy model is the payload) must not
+        # keep any state of this pass.
+        backend = cls(pickle.loads(pickle.dumps(spec)), layout, init.copy(), grad)
+        x = take(data.x_train, slice(0, 2))
+        y = None if data.y_train is None else np.asarray(data.y_train[:2])
+        try:
+            outputs = np.asarray(backend.predict(x))
+        except Exception as e:  # the user's model: anything can come out
+            raise ValueError(_data_hint(spec, data, e)) from e
+        _check_outputs(spec, data, outputs)
+        try:
+            backend.forward(x, y)
+            backend.backward()
+        except Exception as e:  # the user's model or loss
+            raise ValueError(_data_hint(spec, data, e)) from e
+
+
+CLASSIFICATION_LOSSES = ("cross_entropy", "CrossEntropyLoss", "nll_loss", "NLLLoss",
+    "SparseCategoricalCrossentropy", "sparse_categorical_crossentropy", "CategoricalCrossentropy",
+    "categorical_crossentropy")  # fmt: skip
+"""Losses that take class labels (torch's and Keras' names): wrong for float targets."""
+
+
+def _loss_name(loss: Any) -> str:
+    if isinstance(loss, str):
+        return loss
+    return getattr(loss, "__name__", None) or type(loss).__name__
+
+
+def check_loss_for_task(spec: ModelSpec) -> None:
+    """Refuse a loss that cannot fit the task: a classification loss on float targets or
+    on none, or no loss for named inputs without targets."""
+    if spec.task == "classify" or spec.loss is None:
+        return
+    name = _loss_name(spec.loss)
+    if name in CLASSIFICATION_LOSSES:
+        targets = (
+            "float targets (task 'regress')" if spec.task == "regress" else "no targets (task 'unsupervised')"
+        )
+        raise ValueError(
+            f"the loss {name} takes class labels, but the data has {targets}: give integer class labels "
+            "for classification, or a regression loss (the default for this task is mean squared error; "
+            "leave loss unset)"
+        )
+
+
+def _check_outputs(spec: ModelSpec, data: Any, outputs: np.ndarray) -> None:
+    """The model's outputs for a batch must fit the task: a logit per class, a value per
+    target value, or (unsupervised, default loss) a value per input value."""
+    per_sample = tuple(outputs.shape[1:])
+    if data.task == "classify":
+        fits, wanted = per_sample == (data.classes,), f"{data.classes} logits"
+    elif data.task == "regress":
+        fits = int(np.prod(per_sample)) == int(np.prod(data.target_shape))
+        wanted = f"outputs shaped {data.target_shape or (1,)}"
+    elif spec.loss is None and not isinstance(data.x_train, dict):
+        fits = int(np.prod(per_sample)) == int(np.prod(data.input_shape))
+        wanted = f"outputs shaped like its inputs {data.input_shape} (the default loss compares them)"
+    else:
+        return  # the user's loss decides
+    if not fits:
+        raise ValueError(
+            f"the model gives outputs shaped {per_sample} per sample, but the task {data.task!r} needs "
+            f"{wanted}: change the model's last layer"
+        )
+
+
+def _data_hint(spec: ModelSpec, data: Any, e: Exception) -> str:
+    """What to change when a model fails on its first batch of the data."""
+    text = f"{type(e).__name__}: {e}".splitlines()[0]
+    if isinstance(data.x_train, dict) and isinstance(e, TypeError):
+        names = ", ".join(data.x_train)
+        return (
+            f"the model does not take the data's named inputs ({names}) ({text}); a model of several "
+            f"inputs takes them by name (torch: forward(self, {names}); Keras: a dict of keras.Input "
+            "with these names), or pass one array"
+        )
+    wanted = {
+        "classify": f"{data.classes} logits",
+        "regress": f"outputs shaped {data.target_shape or '(1,)'}",
+    }
+    outputs = wanted.get(data.task, "outputs the loss compares with the inputs")
+    return (
+        f"the model cannot train on this data ({text}); the inputs are {data.input_shape} per sample "
+        f"and the task {data.task!r} needs {outputs}: check the model's input and output sizes and the loss"
+    )
 
 
 CALIBRATION_SAMPLES = 1024
@@ -198,13 +302,36 @@ def recalibrate_batch_norm(model: Any, x: np.ndarray, batch: int = 256) -> bool:
             m.momentum = None  # a cumulative average over the batches below
         model.train()
         with torch.no_grad():
-            for i in range(0, len(x), batch):
-                model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])))
+            for i in range(0, num_samples(x), batch):
+                torch_call(model, take(x, slice(i, i + batch)))
     finally:
         for m, momentum in zip(layers, saved, strict=True):
             m.momentum = momentum
         model.train(was_training)
     return True
+
+
+def torch_call(model: Any, x: Any) -> Any:
+    """``model`` on ``x``: one tensor, or named tensors as keyword arguments."""
+    import torch
+
+    if isinstance(x, dict):
+        return model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()})
+    return model(torch.from_numpy(np.ascontiguousarray(x)))
+
+
+def torch_target(y: Any, out: Any) -> Any:
+    """``y`` as what the loss compares ``out`` with: the targets, or the inputs (one array
+    or named ones) for an unsupervised task; a scalar per sample is shaped like an (n, 1)
+    output."""
+    import torch
+
+    if isinstance(y, dict):
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in y.items()}
+    t = torch.from_numpy(np.ascontiguousarray(y))
+    if t.dtype.is_floating_point and t.shape != out.shape and t.numel() == out.numel():
+        t = t.reshape(out.shape)
+    return t
 
 
 def torch_sparse_names(model: Any) -> tuple[str, ...]:
@@ -269,6 +396,8 @@ class TorchBackend(Backend):
     def __init__(self, spec, layout, params, grad, *, config=None, rank=0):  # type: ignore[no-untyped-def]
         import torch
 
+        # Batches of a mapped file are read-only views; models only read their inputs.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         model = spec.load()
         mine = Layout.from_torch(model)
         if mine.fingerprint != layout.fingerprint:
@@ -276,7 +405,10 @@ class TorchBackend(Backend):
         self.torch = torch
         self.model = model
         self.grad = grad
-        self.loss_fn = spec.loss or torch.nn.functional.cross_entropy
+        default = (
+            torch.nn.functional.cross_entropy if spec.task == "classify" else torch.nn.functional.mse_loss
+        )
+        self.loss_fn = spec.loss or default
         self.sparse = torch_sparse_names(model)
         bind_torch(model, layout, params, grad, self.sparse)
         named = dict(model.named_parameters())
@@ -302,7 +434,8 @@ class TorchBackend(Backend):
         payload = portable.dumps(model, "the model")
         if loss is not None:
             portable.check(loss, "the loss")
-        return ModelSpec("torch", payload, loss, torch_sparse_names(model)), layout, init
+        task = data.task if data is not None else "classify"
+        return ModelSpec("torch", payload, loss, torch_sparse_names(model), task), layout, init
 
     @classmethod
     def hand_back(cls, model, spec, layout, params, data):  # type: ignore[no-untyped-def]
@@ -312,7 +445,7 @@ class TorchBackend(Backend):
             for name, p in model.named_parameters():
                 if name in params:
                     p.copy_(torch.from_numpy(params[name]))
-        recalibrate_batch_norm(model, data.x_train[:CALIBRATION_SAMPLES])
+        recalibrate_batch_norm(model, take(data.x_train, slice(0, CALIBRATION_SAMPLES)))
         return model
 
     @classmethod
@@ -335,12 +468,18 @@ class TorchBackend(Backend):
             pass
 
     def for_evaluation(self, data: Any) -> None:
-        self.calibration = data.x_train[:CALIBRATION_SAMPLES]  # batch-norm statistics, live
+        self.calibration = take(data.x_train, slice(0, CALIBRATION_SAMPLES))  # batch-norm statistics, live
 
-    def forward(self, x: np.ndarray, y: np.ndarray) -> float:
-        torch = self.torch
-        self._loss = self.loss_fn(self.model(torch.from_numpy(x)), torch.from_numpy(y))
+    def forward(self, x: Any, y: np.ndarray | None) -> float:
+        out = torch_call(self.model, x)
+        self._loss = self.loss_fn(out, torch_target(x if y is None else y, out))
         return float(self._loss.detach())
+
+    def loss_of(self, outputs: np.ndarray, targets: Any) -> float:
+        torch = self.torch
+        out = torch.from_numpy(outputs)
+        with torch.no_grad():
+            return float(self.loss_fn(out, torch_target(targets, out)))
 
     def backward(self) -> list[SparseRows]:
         assert self.grad is not None, "backend built without a gradient buffer"
@@ -370,7 +509,7 @@ class TorchBackend(Backend):
                 self.calibration = None  # no batch norm: nothing to re-estimate, ever
             self.model.eval()
             with torch.no_grad():
-                return self.model(torch.from_numpy(x)).numpy()
+                return torch_call(self.model, x).numpy()
         finally:
             torch.set_num_threads(saved_threads)
             self.model.train(was_training)
@@ -382,10 +521,10 @@ class NumpyBackend(Backend):
     name = "numpy"
 
     def __init__(self, spec, layout, params, grad, *, config=None, rank=0):  # type: ignore[no-untyped-def]
-        from paramserver.models.numpy_models import softmax_cross_entropy
+        from paramserver.models.numpy_models import loss_for_task
 
         self.model = spec.load()
-        self.xent = softmax_cross_entropy
+        self.loss_fn = loss_for_task(spec.task)
         self.params = layout.unflatten(params)
         self.sparse = tuple(self.model.sparse_tensors())
         # The tables' gradients come back as rows: their views are not handed out.
@@ -406,17 +545,25 @@ class NumpyBackend(Backend):
     @classmethod
     def make_spec(cls, model, loss, seed, data):  # type: ignore[no-untyped-def]
         if loss is not None:
-            raise ValueError("NumPy models have a built-in softmax cross-entropy; do not pass loss")
+            raise ValueError(
+                "NumPy models have built-in losses (softmax cross-entropy for classification, "
+                "mean squared error otherwise); do not pass loss"
+            )
         portable.check(model, "the model")
         init = model.init(np.random.default_rng(seed))
         layout = Layout.from_arrays(init)
-        return ModelSpec("numpy", model, sparse=tuple(model.sparse_tensors())), layout, layout.flatten(init)
+        task = data.task if data is not None else "classify"
+        spec = ModelSpec("numpy", model, sparse=tuple(model.sparse_tensors()), task=task)
+        return spec, layout, layout.flatten(init)
 
-    def forward(self, x: np.ndarray, y: np.ndarray) -> float:
-        logits, cache = self.model.forward(self.params, x)
-        loss, dlogits = self.xent(logits, y)
-        self._pending = (cache, dlogits)
+    def forward(self, x: Any, y: np.ndarray | None) -> float:
+        outputs, cache = self.model.forward(self.params, x)
+        loss, doutputs = self.loss_fn(outputs, x if y is None else y)
+        self._pending = (cache, doutputs)
         return loss
+
+    def loss_of(self, outputs: np.ndarray, targets: Any) -> float:
+        return self.loss_fn(outputs, targets)[0]
 
     def backward(self) -> list[SparseRows]:
         cache, dlogits = self._pending

@@ -46,6 +46,7 @@ import numpy as np
 
 from paramserver import portable
 from paramserver.api import KerasModel, is_keras, looks_like_tf_model
+from paramserver.data import take
 from paramserver.layout import Layout
 
 from .backends import Backend, ModelSpec
@@ -123,13 +124,36 @@ def _build(km: KerasModel) -> Any:
         )
     if not model.trainable_variables and km.input_shape is not None:
         # Subclassed Keras models create their variables on the first call.
-        model(np.zeros((1, *km.input_shape), np.float32))
+        model(_zeros(km.input_shape, km.input_dtypes))
     if not model.trainable_variables:
         raise ValueError(
             "the model has no trainable variables; give it an input shape (keras.Input) "
             "or build it in the factory"
         )
     return model
+
+
+def _zeros(shape: Any, dtypes: Any) -> Any:
+    """One sample of zeros for inputs of ``shape`` (a dict of them for named inputs)."""
+    if isinstance(shape, dict):
+        return {k: np.zeros((1, *s), (dtypes or {}).get(k, "float32")) for k, s in shape.items()}
+    return np.zeros((1, *shape), dtypes or np.float32)
+
+
+def _spec_of(tf: Any, shape: Any, dtypes: Any, batch: int | None = None) -> Any:
+    """The TensorSpec (a dict of them) of a batch of inputs of one sample's ``shape``."""
+    if shape is None:
+        return tf.TensorSpec(None, tf.float32)
+    if isinstance(shape, dict):
+        return {k: tf.TensorSpec([batch, *s], (dtypes or {}).get(k, "float32")) for k, s in shape.items()}
+    return tf.TensorSpec([batch, *shape], dtypes or "float32")
+
+
+def _dtypes_of(x: Any) -> Any:
+    """The dtype names of inputs (a dict of them for named inputs)."""
+    if isinstance(x, dict):
+        return {k: v.dtype.name for k, v in x.items()}
+    return x.dtype.name
 
 
 def _dtype(v: Any) -> np.dtype:
@@ -151,11 +175,17 @@ def _names(variables: list[Any]) -> list[str]:
 
 
 def model_spec(
-    km: KerasModel, loss: Callable[..., Any] | None, input_shape: tuple[int, ...], x_train: np.ndarray
+    km: KerasModel, loss: Callable[..., Any] | None, data: Any
 ) -> tuple[ModelSpec, Layout, np.ndarray]:
     """Build the model once in this process: the spec the workers rebuild it from, its
     layout (its trainable variables, in the model's order) and its initial values."""
-    km = replace(km, input_shape=tuple(input_shape), calibration=x_train[:CALIBRATION_SAMPLES].copy())
+    sample = take(data.x_train, slice(0, CALIBRATION_SAMPLES))
+    sample = {k: np.array(v) for k, v in sample.items()} if isinstance(sample, dict) else np.array(sample)
+    target = None if data.task == "unsupervised" else tuple(data.target_shape)
+    km = replace(
+        km, input_shape=data.input_shape, input_dtypes=_dtypes_of(data.x_train), calibration=sample,
+        target_shape=target,
+    )  # fmt: skip
     with quiet_stderr():  # the first TensorFlow op of this process may start its runtime
         model = _build(km)
     variables = list(model.trainable_variables)
@@ -171,7 +201,7 @@ def model_spec(
     payload = portable.dumps(km, "the model factory")
     if loss is not None:
         portable.check(loss, "the loss")
-    return ModelSpec("tf", payload, loss), layout, layout.flatten(init)
+    return ModelSpec("tf", payload, loss, task=data.task), layout, layout.flatten(init)
 
 
 def check_devices(devices: list[str]) -> None:
@@ -195,7 +225,7 @@ class _Graphs:
     refer back to this object, and a reference cycle through the backend would keep its
     views of the segment alive after the owner lets go of it (a BufferError on close)."""
 
-    def __init__(self, model: Any, layout: Layout, loss_fn: Any, input_shape: tuple[int, ...] | None):
+    def __init__(self, model: Any, layout: Layout, loss_fn: Any, km: KerasModel, task: str):
         tf = import_tf()
         self.tf = tf
         self.model = model
@@ -209,8 +239,14 @@ class _Graphs:
         ends = [o for o, _, _ in self.slices[1:]] + [layout.flat_size]
         self.pads = [end - o - n for (o, n, _), end in zip(self.slices, ends, strict=True)]
         flat = tf.TensorSpec([layout.flat_size], layout.dtype.name)
-        x = tf.TensorSpec(None if input_shape is None else [None, *input_shape], tf.float32)
-        y = tf.TensorSpec([None], tf.int64)
+        x = _spec_of(tf, km.input_shape, km.input_dtypes)
+        if task == "classify":
+            y = tf.TensorSpec([None], tf.int64)
+        elif task == "regress":
+            y = tf.TensorSpec(None if km.target_shape is None else [None, *km.target_shape], tf.float32)
+        else:  # unsupervised: the inputs are the targets
+            y = x
+        self.x_spec = x
         self.flat_spec = flat
         self.loss_and_grad = tf.function(self._loss_and_grad, input_signature=[flat, x, y])
         self.loss_only = tf.function(self._loss_only, input_signature=[flat, x, y])
@@ -231,7 +267,7 @@ class _Graphs:
         """Loss and the flat gradient, laid out like the segment (zeros in the padding)."""
         tf = self.tf
         with tf.GradientTape() as tape:
-            loss = self.loss_fn(y, self._call(x, training=True))
+            loss = self._loss(y, self._call(x, training=True))
         parts = []
         grads = tape.gradient(loss, self.variables)
         for g, v, pad in zip(grads, self.variables, self.pads, strict=True):
@@ -249,16 +285,22 @@ class _Graphs:
         # The gradient pass in backward() updates the batch-norm statistics; this pass
         # must not update them a second time with the same batch.
         saved = [self.tf.convert_to_tensor(v) for v in self.non_trainable]
-        loss = self.loss_fn(y, self._call(x, training=True))
+        loss = self._loss(y, self._call(x, training=True))
         for v, s in zip(self.non_trainable, saved, strict=True):
             v.assign(s)
         return loss
+
+    def _loss(self, y: Any, out: Any) -> Any:
+        """The loss of ``out`` against ``y``; a scalar target per sample meets an (n, 1) output."""
+        if not isinstance(y, dict) and y.dtype.is_floating and y.shape.rank == 1 and out.shape.rank == 2:
+            y = self.tf.reshape(y, [-1, 1])
+        return self.loss_fn(y, out)
 
     def _predict(self, flat: Any, x: Any) -> Any:
         self._pull(flat)
         return self._call(x, training=False)
 
-    def calibration(self, x_shape: tuple[int, ...]) -> Any:
+    def calibration(self, x: Any) -> Any:
         """A graph that pulls, then sets every batch-norm layer's moving statistics to those
         of a batch (momentum 0, only in this graph); None for a model without batch norm."""
         import keras
@@ -280,7 +322,7 @@ class _Graphs:
         for ly in layers:
             ly.momentum = 0.0  # read when the graph is traced, so only this graph sees it
         try:
-            x_spec = tf.TensorSpec(x_shape, tf.float32)
+            x_spec = tf.nest.map_structure(lambda a: tf.TensorSpec(a.shape, a.dtype.name), x)
             return tf.function(graph).get_concrete_function(self.flat_spec, x_spec)
         finally:
             for ly, m in zip(layers, saved, strict=True):
@@ -323,13 +365,16 @@ class TFBackend(Backend):
         if loss_fn is None:
             import keras
 
-            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            if spec.task == "classify":
+                loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            else:
+                loss_fn = keras.losses.MeanSquaredError()
         self.model = model
         self.params = params
         self.grad = grad
         self.fused = fused
         self.calibration = km.calibration
-        self._graphs = _Graphs(model, layout, loss_fn, km.input_shape)
+        self._graphs = _Graphs(model, layout, loss_fn, km, spec.task)
         self._calibrate: Any = None
         self._stash: Any = None
 
@@ -348,7 +393,7 @@ class TFBackend(Backend):
     def make_spec(cls, model, loss, seed, data):  # type: ignore[no-untyped-def]
         if data is None:
             raise ValueError("a KerasModel needs the data set (its input shape) to be built")
-        return model_spec(model, loss, data.input_shape, data.x_train)
+        return model_spec(model, loss, data)
 
     @classmethod
     def check_config(cls, config: Any) -> None:
@@ -370,7 +415,9 @@ class TFBackend(Backend):
     def configure(cls, threads: int, seed: int) -> None:
         set_threads_and_seed(threads, seed)
 
-    def forward(self, x: np.ndarray, y: np.ndarray) -> float:
+    def forward(self, x: Any, y: np.ndarray | None) -> float:
+        if y is None:
+            y = x  # unsupervised: the loss compares the outputs with the inputs
         with self.device:
             if self.fused:
                 loss, self._stash = self._graphs.loss_and_grad(self.params, x, y)
@@ -395,6 +442,14 @@ class TFBackend(Backend):
             self.calibrate()
             return self._graphs.predict(self.params, x).numpy()
 
+    def loss_of(self, outputs: np.ndarray, targets: Any) -> float:
+        with self.device:
+            return float(
+                self._graphs._loss(
+                    self.tf.nest.map_structure(self.tf.constant, targets), self.tf.constant(outputs)
+                )
+            )
+
     def pull(self) -> None:
         """Copy the shared parameters into the variables (alone: for the trained model)."""
         with self.device:
@@ -406,11 +461,13 @@ class TFBackend(Backend):
         if self.calibration is None:
             return
         if self._calibrate is None:
-            self._calibrate = self._graphs.calibration(self.calibration.shape) or False
+            self._calibrate = self._graphs.calibration(self.calibration) or False
         if self._calibrate is not False:
             tf = self.tf
             with self.device:
-                self._calibrate(tf.constant(self.params), tf.constant(self.calibration))
+                self._calibrate(
+                    tf.constant(self.params), tf.nest.map_structure(tf.constant, self.calibration)
+                )
 
     def trained_model(self) -> Any:
         """The model with the shared parameters (and calibrated batch-norm statistics)."""

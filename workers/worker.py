@@ -36,10 +36,10 @@ import numpy as np
 
 from paramserver.asynchrony import StaleFirst
 from paramserver.config import RunConfig
-from paramserver.data import epoch_orders, shard
+from paramserver.data import TrainingData, epoch_orders, num_samples, shard, take
 from paramserver.layout import Layout
 from paramserver.optim import Updater, values_finite
-from paramserver.store import STATUS, Gradient, Segment, Store, row_span
+from paramserver.store import STATUS, Gradient, Store, row_span
 
 from .backends import Backend, ModelSpec, backend_class
 
@@ -394,10 +394,10 @@ def prepare(
 class SupervisedTask(Task):
     """A batch of the worker's shard of the shared training data: loss, then gradient.
 
-    Each batch is a contiguous slice (a view) of the data segment; the batches of a
+    Each batch is a contiguous slice (a view) of the data segment or of a mapped file; the batches of a
     shard are visited in a new order each epoch (``seed + rank``)."""
 
-    def __init__(self, spec: ModelSpec, data: Segment, batch_size: int, epochs: int):
+    def __init__(self, spec: ModelSpec, data: TrainingData, batch_size: int, epochs: int):
         self.spec = spec
         self.data = data
         self.batch_size = batch_size
@@ -410,8 +410,8 @@ class SupervisedTask(Task):
         self.model = cls(self.spec, ctx.layout, ctx.params, ctx.grad, config=ctx.config, rank=ctx.rank)
         self.sparse = self.model.sparse
         self.grad = ctx.grad
-        self.x, self.y = self.data["x"], self.data["y"]
-        lo, self.hi = shard(len(self.x), ctx.rank, ctx.workers)
+        self.x, self.y = self.data.arrays()
+        lo, self.hi = shard(num_samples(self.x), ctx.rank, ctx.workers)
         self._batches = self._walk(lo, ctx.config.seed + ctx.rank, *ctx.position)
         self._position = ctx.position
 
@@ -435,7 +435,8 @@ class SupervisedTask(Task):
         end = min(first + self.batch_size, self.hi)
         self._position = (epoch, i + 1) if i + 1 < n else (epoch + 1, 0)
         self.samples_taken = end - first
-        return self.model.forward(self.x[first:end], self.y[first:end])
+        batch = slice(first, end)
+        return self.model.forward(take(self.x, batch), None if self.y is None else self.y[batch])
 
     def backward(self) -> Gradient:
         assert self.model is not None

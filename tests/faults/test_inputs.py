@@ -67,7 +67,8 @@ def labels(n: int = 64, **at: float) -> np.ndarray:
     ],
 )
 def test_bad_data_files(tmp_path, make, message):
-    rc, _, stderr, pid = run([*TRAIN, "--out-dir", "", "--data", make(tmp_path)])
+    # --task classify: float labels (the 0.5 file) would otherwise mean regression targets.
+    rc, _, stderr, pid = run([*TRAIN, "--out-dir", "", "--task", "classify", "--data", make(tmp_path)])
     assert_one_line_exit_2(rc, stderr, message)
     assert "allow_pickle" not in stderr
     assert_left_nothing(pid)
