@@ -419,12 +419,12 @@ def load(
 ) -> Dataset:
     """``'digits'``, a path to a ``.npz`` file, or a ``.npy`` file of inputs (mapped; its
     targets in the ``.npy`` file ``targets``, none for an unsupervised task)."""
+    if targets and not spec.endswith(".npy"):
+        raise ValueError("targets (a .npy file of targets) goes with a .npy file of inputs")
     if spec == "digits":
         if task not in (None, "classify"):
             raise ValueError(f"digits is a classification data set; task {task!r} does not apply")
         return load_digits(test_fraction=test_fraction, seed=seed)
-    if targets and not spec.endswith(".npy"):
-        raise ValueError("targets (a .npy file of targets) goes with a .npy file of inputs")
     if spec.endswith(".npz"):
         return load_npz(spec, test_fraction=test_fraction, seed=seed, task=task)
     if spec.endswith(".npy"):

@@ -377,3 +377,17 @@ def test_cli_trains_a_regression_from_an_npz(tmp_path):
     assert "regression" in proc.stderr and "test r2 " in proc.stdout, (proc.stdout, proc.stderr)
     r2_value = float(proc.stdout.split("test r2 ")[1].split(",")[0])
     assert r2_value >= 0.95, proc.stdout
+
+
+def test_load_maps_a_npy_of_inputs_with_its_targets_and_names_bad_files(tmp_path):
+    x, y = regression(n=50)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    data = ps.load(str(tmp_path / "x.npy"), targets=str(tmp_path / "y.npy"))
+    assert data.task == "regress" and set(data.files) == {"x", "y"}
+    assert ps.load(str(tmp_path / "x.npy")).task == "unsupervised"
+    (tmp_path / "bad.npy").write_text("not numbers")
+    with pytest.raises(ValueError, match="is not a NumPy .npy file"):
+        ps.load(str(tmp_path / "bad.npy"))
+    with pytest.raises(ValueError, match="targets .* goes with a .npy file of inputs"):
+        ps.load("digits", targets=str(tmp_path / "y.npy"))
