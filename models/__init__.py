@@ -11,9 +11,9 @@ import math
 from typing import Any
 
 MODELS = {
-    "torch": ("mlp", "cnn", "embedding"),
+    "torch": ("mlp", "cnn", "embedding", "logreg"),
     "tf": ("mlp", "cnn"),
-    "numpy": ("mlp", "softmax", "linear", "mf"),
+    "numpy": ("mlp", "softmax", "linear", "logreg", "mf"),
 }
 
 

@@ -223,6 +223,41 @@ class MatrixFactorization(NumpyModel):
         return {"U": (u, d * qi), "V": (i, d * pu)}
 
 
+@dataclass
+class SparseLogisticRegression(NumpyModel):
+    """Logistic (softmax) regression on sparse rows (:class:`paramserver.data.CSR`): the
+    Hogwild! paper's RCV1-style task. ``logits = x @ W + b`` computed over the stored
+    values only; ``W`` gets row gradients, so a step reads and updates the rows of the
+    features its batch has, never the whole ``(features, classes)`` table."""
+
+    features: int
+    classes: int = 2
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"W": (self.features, self.classes), "b": (self.classes,)}
+
+    def sparse_tensors(self) -> tuple[str, ...]:
+        return ("W",)
+
+    def init(self, rng: np.random.Generator) -> Arrays:
+        return {name: np.zeros(shape, np.float32) for name, shape in self.shapes().items()}
+
+    def forward(self, params: Arrays, x: Any) -> tuple[np.ndarray, Any]:
+        rows = x.rows()
+        weighted = params["W"][x.indices] * x.data[:, None]  # (stored values, classes): a gather
+        n = len(x)
+        logits = np.empty((n, self.classes), np.float32)
+        for k in range(self.classes):
+            logits[:, k] = np.bincount(rows, weights=weighted[:, k], minlength=n)
+        logits += params["b"]
+        return logits, (rows, x.indices, x.data)
+
+    def backward(self, params: Arrays, cache: Any, dlogits: np.ndarray, grads: Arrays) -> RowGrads:
+        rows, indices, data = cache
+        np.sum(dlogits, axis=0, out=grads["b"])
+        return {"W": (indices, dlogits[rows] * data[:, None])}
+
+
 def build(
     name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64, tokens: int = 0
 ) -> NumpyModel:
@@ -240,6 +275,12 @@ def build(
         return SoftmaxRegression(features, classes)
     if name == "linear":
         return LinearRegression(features, classes)
+    if name == "logreg":
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"logreg takes sparse rows (CSR) of one axis of features, got inputs {input_shape}"
+            )
+        return SparseLogisticRegression(features, classes)
     if name == "mlp":
         return NumpyMLP(features, classes, hidden)
-    raise ValueError(f"unknown numpy model {name!r}; choose one of mlp, softmax, linear, mf")
+    raise ValueError(f"unknown numpy model {name!r}; choose one of mlp, softmax, linear, logreg, mf")

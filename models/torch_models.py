@@ -83,6 +83,22 @@ class BagOfWords(nn.Module):
         return self.out(self.embedding(x))
 
 
+class SparseLinear(nn.Module):
+    """Logistic (softmax) regression on sparse rows: ``logits = x @ W + b`` as an
+    ``nn.EmbeddingBag`` in sum mode weighted by the stored values, so the table gets a
+    sparse gradient (the rows of the batch's features). Input: a CSR batch, which a
+    torch model receives as ``(indices, offsets, per_sample_weights)``."""
+
+    def __init__(self, features: int, classes: int):
+        super().__init__()
+        self.table = nn.EmbeddingBag(features, classes, mode="sum", sparse=True)
+        nn.init.zeros_(self.table.weight)
+        self.bias = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.table(indices, offsets, per_sample_weights=weights) + self.bias
+
+
 def build(
     name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64, tokens: int = 0
 ) -> nn.Module:
@@ -97,6 +113,8 @@ def build(
         return BagOfWords(tokens, classes, dim=hidden)
     if name == "mlp":
         return MLP(math.prod(input_shape), classes, hidden)
+    if name == "logreg":
+        return SparseLinear(math.prod(input_shape), classes)
     if name == "cnn":
         side = square_side(input_shape, "(channels, side, side)")
         if side is not None:
@@ -104,4 +122,4 @@ def build(
         if len(input_shape) == 3 and input_shape[1] == input_shape[2]:
             return CNN(input_shape[0], input_shape[1], classes, hidden=hidden)
         raise ValueError(f"cnn needs inputs of shape (channels, side, side), got {input_shape}")
-    raise ValueError(f"unknown torch model {name!r}; choose one of mlp, cnn, embedding")
+    raise ValueError(f"unknown torch model {name!r}; choose one of mlp, cnn, embedding, logreg")

@@ -10,7 +10,7 @@ the same way: ``paramserver.train_rl`` (:mod:`paramserver.rl`).
 from .api import KerasModel, model_spec, train
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import RunConfig, TrainConfig, TrainJob
-from .data import Dataset, load, load_digits, load_npy, load_npz, make_dataset
+from .data import CSR, Dataset, load, load_digits, load_npy, load_npz, load_svmlight, make_dataset
 from .layout import Layout
 from .optim import RULES, make_rule
 from .policy import POLICIES, make_policy
@@ -50,6 +50,8 @@ __all__ = [
     "make_dataset",
     "load_npy",
     "load_npz",
+    "load_svmlight",
+    "CSR",
     "make_policy",
     "make_rule",
     "train",

@@ -109,7 +109,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(
             "the command line trains models of one input array; named inputs need the Python API"
         )
-    ids = dataset.x_train.dtype.kind in "iu"  # token ids: the embedding models need their range
+    csr = isinstance(dataset.x_train, data_mod.CSR)
+    if csr != (job.model == "logreg"):
+        raise UsageError(
+            f"the data is sparse rows (CSR); --model {job.model} takes dense arrays: use --model logreg"
+            if csr
+            else "--model logreg takes sparse rows (a CSR .npz or an svmlight file)"
+        )
+    ids = not csr and dataset.x_train.dtype.kind in "iu"  # token ids: the embedding models need their range
     tokens = int(max(dataset.x_train.max(), dataset.x_test.max())) + 1 if ids else 0
     model = build_model(job.backend, job.model, dataset.input_shape, dataset.outputs, job.hidden, tokens)
     if not job.cluster:  # a cluster's errors (no Ray, no cluster) stay one line

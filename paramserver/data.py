@@ -24,8 +24,74 @@ from .store import Segment
 TASKS = ("classify", "regress", "unsupervised")
 """What the targets are: class labels, float targets (any trailing shape), or none."""
 
-Inputs = np.ndarray | dict[str, np.ndarray]
-"""A model's inputs: one array, or named arrays (several inputs), all with one row per sample."""
+
+@dataclass
+class CSR:
+    """Sparse inputs, one compressed sparse row per sample: ``indptr`` (samples + 1,) int64,
+    ``indices`` int64 column ids, ``data`` float32 values, ``columns`` the width.
+
+    A slice of rows is zero copy for ``indices`` and ``data`` (views of the data segment)
+    and rebases ``indptr`` (samples + 1 integers): a batch reaches the model as CSR,
+    never densified. A torch model gets it as ``(indices, offsets, per_sample_weights)``
+    (what ``nn.EmbeddingBag`` takes), a NumPy model as this object."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    columns: int
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.columns)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1] - self.indptr[0])
+
+    def __getitem__(self, index: Any) -> CSR:
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("CSR rows slice with step 1 only")
+            hi = max(lo, hi)
+            a, b = int(self.indptr[lo]), int(self.indptr[hi])
+            return CSR(self.indptr[lo : hi + 1] - a, self.indices[a:b], self.data[a:b], self.columns)
+        rows = np.asarray(index)
+        starts = self.indptr[rows]
+        lengths = self.indptr[rows + 1] - starts
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        pos = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        return CSR(indptr, self.indices[pos], self.data[pos], self.columns)
+
+    def rows(self) -> np.ndarray:
+        """The sample (row) of every stored value."""
+        return np.repeat(np.arange(len(self)), np.diff(self.indptr))
+
+    def toarray(self) -> np.ndarray:
+        """The dense (samples, columns) float32 matrix (for checks; never used in training)."""
+        out = np.zeros(self.shape, np.float32)
+        np.add.at(out, (self.rows(), self.indices), self.data)
+        return out
+
+    @classmethod
+    def from_scipy(cls, m: Any) -> CSR:
+        m = m.tocsr()
+        m.sum_duplicates()
+        return cls(
+            m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data.astype(np.float32), m.shape[1]
+        )
+
+
+def _is_scipy_sparse(x: Any) -> bool:
+    return type(x).__module__.startswith("scipy.sparse")
+
+
+Inputs = np.ndarray | dict[str, np.ndarray] | CSR
+"""A model's inputs: one array, named arrays (several inputs), or sparse rows (:class:`CSR`),
+all with one row per sample."""
 
 
 @dataclass
@@ -116,7 +182,27 @@ def _check_inputs(x: Any, what: str) -> Inputs:
                 f"{what}: the inputs have different numbers of samples {lengths}; they must match"
             )
         return out
+    if _is_scipy_sparse(x):
+        x = CSR.from_scipy(x)
+    if isinstance(x, CSR):
+        return _check_csr(x, f"{what}: x")
     return _check_array(x, f"{what}: x")
+
+
+def _check_csr(x: CSR, what: str) -> CSR:
+    indptr, indices, data = (np.asarray(a) for a in (x.indptr, x.indices, x.data))
+    if indptr.ndim != 1 or len(indptr) < 2 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        raise ValueError(f"{what}: CSR indptr must start at 0 and never decrease, one entry per sample + 1")
+    if len(indices) != indptr[-1] or len(data) != indptr[-1]:
+        raise ValueError(f"{what}: CSR indices and data must have indptr[-1] = {indptr[-1]} entries")
+    if len(indices) and (indices.min() < 0 or indices.max() >= x.columns):
+        raise ValueError(f"{what}: CSR column ids must be in [0, {x.columns})")
+    if data.dtype.kind not in "biuf" or not np.all(np.isfinite(data)):
+        raise ValueError(f"{what}: CSR data must be finite numbers")
+    return CSR(
+        indptr.astype(np.int64), np.ascontiguousarray(indices, np.int64),
+        np.ascontiguousarray(data, np.float32), int(x.columns),
+    )  # fmt: skip
 
 
 def is_mapped(a: Any) -> bool:
@@ -204,7 +290,7 @@ def _check_targets(y: Any, n: int, task: str, what: str) -> np.ndarray | None:
 
 
 def _shape_of(x: Inputs) -> Any:
-    return {k: v.shape[1:] for k, v in x.items()} if isinstance(x, dict) else x.shape[1:]
+    return {k: v.shape[1:] for k, v in x.items()} if isinstance(x, dict) else tuple(x.shape[1:])
 
 
 def make_dataset(
@@ -284,19 +370,22 @@ def make_dataset(
                 )
         for arr, what in ((y, "y: training labels"), (y_test, "y_test: test labels")):
             _check_labels(arr, what, classes)
+    if isinstance(x, dict):
+        x = x if mapped else {k: np.ascontiguousarray(v) for k, v in x.items()}
+    elif not mapped and not isinstance(x, CSR):  # a CSR's gather made fresh arrays
+        x = np.ascontiguousarray(x)
     if not mapped:
-        x = (
-            {k: np.ascontiguousarray(v) for k, v in x.items()}
-            if isinstance(x, dict)
-            else np.ascontiguousarray(x)
-        )
         y = None if y is None else np.ascontiguousarray(y)
     return Dataset(x, y, x_test, y_test, classes or 0, name, task, files)
 
 
 def _named_arrays(x: Inputs, y: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The arrays of a split by their key in the data segment: ``x`` or ``x/<name>``, ``y``."""
-    out = {f"x/{k}": v for k, v in x.items()} if isinstance(x, dict) else {"x": x}
+    """The arrays of a split by their key in the data segment: ``x``, ``x/<name>`` or
+    ``csr/indptr``, ``csr/indices``, ``csr/data``; ``y``."""
+    if isinstance(x, CSR):
+        out = {"csr/indptr": x.indptr, "csr/indices": x.indices, "csr/data": x.data}
+    else:
+        out = {f"x/{k}": v for k, v in x.items()} if isinstance(x, dict) else {"x": x}
     return out if y is None else {**out, "y": y}
 
 
@@ -357,6 +446,14 @@ def load_npz(path: str, *, test_fraction: float = 0.2, seed: int = 0, task: str 
         raise ValueError(f"{path!r} is not a NumPy .npz file of plain arrays: {e}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path!r} is not a NumPy .npz file (truncated or damaged?): {e}") from None
+    if "indptr" in arrays:  # sparse rows: CSR arrays (as scipy.sparse.save_npz names them) and y
+        missing = {"indices", "data", "shape"} - set(arrays)
+        if missing:
+            raise ValueError(
+                f"{path!r} has CSR indptr but lacks {sorted(missing)}; save indptr, indices, data, shape"
+            )
+        shape = arrays.pop("shape")
+        arrays["x"] = CSR(arrays.pop("indptr"), arrays.pop("indices"), arrays.pop("data"), int(shape[1]))
     if "x" not in arrays or ("y" not in arrays and task != "unsupervised"):
         raise ValueError(
             f"{path!r} has arrays {sorted(arrays)}; it needs 'x' (inputs) and 'y' (targets), "
@@ -366,6 +463,28 @@ def load_npz(path: str, *, test_fraction: float = 0.2, seed: int = 0, task: str 
         arrays["x"], arrays.get("y"), x_test=arrays.get("x_test"), y_test=arrays.get("y_test"),
         task=task, test_fraction=test_fraction, seed=seed, name=os.path.basename(path),
     )  # fmt: skip
+
+
+def load_svmlight(
+    path: str, *, test_fraction: float = 0.2, seed: int = 0, task: str | None = "classify"
+) -> Dataset:
+    """An svmlight/libsvm text file (``label index:value ...``), read with scikit-learn's
+    ``load_svmlight_file`` into sparse rows (:class:`CSR`). For classification, labels
+    -1/+1 become 0/1; other labels must already be 0..classes-1."""
+    from sklearn.datasets import load_svmlight_file
+
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist")
+    try:
+        x, y = load_svmlight_file(path, dtype=np.float32)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path!r} is not an svmlight file: {e}") from None
+    if task in (None, "classify") and set(np.unique(y)) <= {-1.0, 1.0}:
+        y = (y > 0).astype(np.int64)
+    return make_dataset(x, y, task=task, test_fraction=test_fraction, seed=seed, name=os.path.basename(path))
+
+
+SVMLIGHT_SUFFIXES = (".svm", ".svmlight", ".libsvm")
 
 
 def map_npy(path: str) -> np.ndarray:
@@ -417,8 +536,9 @@ def load_npy(
 def load(
     spec: str, *, test_fraction: float = 0.2, seed: int = 0, task: str | None = None, targets: str = ""
 ) -> Dataset:
-    """``'digits'``, a path to a ``.npz`` file, or a ``.npy`` file of inputs (mapped; its
-    targets in the ``.npy`` file ``targets``, none for an unsupervised task)."""
+    """``'digits'``, a path to a ``.npz`` file (arrays, or CSR ``indptr``/``indices``/
+    ``data``/``shape``), a ``.npy`` file of inputs (mapped; its targets in the ``.npy``
+    file ``targets``, none for an unsupervised task), or an svmlight file."""
     if targets and not spec.endswith(".npy"):
         raise ValueError("targets (a .npy file of targets) goes with a .npy file of inputs")
     if spec == "digits":
@@ -429,7 +549,12 @@ def load(
         return load_npz(spec, test_fraction=test_fraction, seed=seed, task=task)
     if spec.endswith(".npy"):
         return load_npy(spec, targets or None, task=task, test_fraction=test_fraction, seed=seed)
-    raise ValueError(f"unknown data set {spec!r}; pass 'digits' or a path ending in .npz or .npy")
+    if spec.endswith(SVMLIGHT_SUFFIXES):
+        return load_svmlight(spec, task=task, test_fraction=test_fraction, seed=seed)
+    raise ValueError(
+        f"unknown data set {spec!r}; pass 'digits' or a path ending in .npz, .npy or "
+        + ", ".join(SVMLIGHT_SUFFIXES)
+    )
 
 
 def as_dataset(data: Any, seed: int, task: str | None = None) -> Dataset:
@@ -463,9 +588,10 @@ class TrainingData:
     None when all of them are mapped files) and those left in their ``.npy`` files
     (``files``: key -> path and row range). Pickles to the names, not the bytes."""
 
-    def __init__(self, segment: Segment | None, files: dict[str, tuple[str, int, int]]):
+    def __init__(self, segment: Segment | None, files: dict[str, tuple[str, int, int]], csr_columns: int = 0):
         self.segment = segment
         self.files = files
+        self.csr_columns = csr_columns
 
     def arrays(self) -> tuple[Inputs, np.ndarray | None]:
         """The inputs (one array or named arrays) and targets (None: unsupervised), in place."""
@@ -475,6 +601,9 @@ class TrainingData:
         for key, (path, lo, hi) in self.files.items():
             found[key] = np.load(path, mmap_mode="r", allow_pickle=False)[lo:hi]
         y = found.pop("y", None)
+        if self.csr_columns:
+            csr = CSR(found["csr/indptr"], found["csr/indices"], found["csr/data"], self.csr_columns)
+            return csr, y
         x = found["x"] if "x" in found else {k.removeprefix("x/"): v for k, v in found.items()}
         return x, y
 
@@ -492,7 +621,8 @@ def share_training_data(data: Dataset) -> tuple[Segment | None, TrainingData]:
         seg = Segment.create(Layout.from_arrays(arrays), {"kind": "data"})
         for k, a in arrays.items():
             seg[k][...] = a
-    return seg, TrainingData(seg, dict(data.files))
+    columns = data.x_train.columns if isinstance(data.x_train, CSR) else 0
+    return seg, TrainingData(seg, dict(data.files), columns)
 
 
 def shard(n: int, rank: int, workers: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from paramserver import portable
-from paramserver.data import num_samples, take
+from paramserver.data import CSR, num_samples, take
 from paramserver.layout import Layout
 from paramserver.optim import coalesce
 from paramserver.portable import ByValue
@@ -312,9 +312,13 @@ def recalibrate_batch_norm(model: Any, x: np.ndarray, batch: int = 256) -> bool:
 
 
 def torch_call(model: Any, x: Any) -> Any:
-    """``model`` on ``x``: one tensor, or named tensors as keyword arguments."""
+    """``model`` on ``x``: one tensor, named tensors as keyword arguments, or sparse rows
+    as ``(indices, offsets, per_sample_weights)`` (``nn.EmbeddingBag``'s arguments)."""
     import torch
 
+    if isinstance(x, CSR):
+        offsets = torch.from_numpy(np.ascontiguousarray(x.indptr[:-1]))
+        return model(torch.from_numpy(x.indices), offsets, torch.from_numpy(x.data))
     if isinstance(x, dict):
         return model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()})
     return model(torch.from_numpy(np.ascontiguousarray(x)))

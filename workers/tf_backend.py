@@ -393,6 +393,10 @@ class TFBackend(Backend):
     def make_spec(cls, model, loss, seed, data):  # type: ignore[no-untyped-def]
         if data is None:
             raise ValueError("a KerasModel needs the data set (its input shape) to be built")
+        if type(data.x_train).__name__ == "CSR":
+            raise ValueError(
+                "sparse rows (CSR) train with the torch or numpy backends; densify them for Keras"
+            )
         return model_spec(model, loss, data)
 
     @classmethod
