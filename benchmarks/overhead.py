@@ -541,11 +541,11 @@ def _cnn_step(cfg: BenchConfig, report: Report, steps: int) -> None:
         spec, layout, init = model_spec(HogwildNet(), None, cfg.seed, data)
         with (
             ParamStore.create_for(layout, workers=1, state_slots=rule.state_slots) as store,
-            share_training_data(data) as segment,
+            share_training_data(data) as shared,
         ):
             store.params[...] = init
             store.policy = make_policy("po3", layout.flat_size, None)
-            task = SupervisedTask(spec, segment, CNN_BATCH, config.epochs)
+            task = SupervisedTask(spec, shared, CNN_BATCH, config.epochs)
             plan = WorkerPlan(rank=0, workers=1, cores=None, threads=1, parent_pid=os.getppid())
             marks: list[tuple[str, float]] = []
             clock = time.perf_counter

@@ -611,10 +611,18 @@ class TrainingData:
         if self.segment is not None:
             self.segment.close()
 
+    def __enter__(self) -> TrainingData:
+        return self
 
-def share_training_data(data: Dataset) -> tuple[Segment | None, TrainingData]:
+    def __exit__(self, *exc: object) -> None:
+        if self.segment is not None:
+            self.segment.__exit__(*exc)  # unlinks it where this process created it
+
+
+def share_training_data(data: Dataset) -> TrainingData:
     """Write the training split, except its mapped files, into a new segment (the caller
-    owns and unlinks it; None when every array is a mapped file)."""
+    owns it, ``.segment``, None when every array is a mapped file: use as a context
+    manager, or unlink it)."""
     arrays = {k: a for k, a in _named_arrays(data.x_train, data.y_train).items() if k not in data.files}
     seg = None
     if arrays:
@@ -622,7 +630,7 @@ def share_training_data(data: Dataset) -> tuple[Segment | None, TrainingData]:
         for k, a in arrays.items():
             seg[k][...] = a
     columns = data.x_train.columns if isinstance(data.x_train, CSR) else 0
-    return seg, TrainingData(seg, dict(data.files), columns)
+    return TrainingData(seg, dict(data.files), columns)
 
 
 def shard(n: int, rank: int, workers: int) -> tuple[int, int]:

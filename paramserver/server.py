@@ -572,9 +572,9 @@ class SupervisedJob(Job):
         return -(-(hi - lo) // self.config.batch_size)
 
     def prepare(self, server: Server) -> None:
-        segment, self.training_data = share_training_data(self.data)
-        if segment is not None:
-            server.own(segment)
+        self.training_data = share_training_data(self.data)
+        if self.training_data.segment is not None:
+            server.own(self.training_data.segment)
         cfg = self.config
         base = server.store.version()
         self.remaining = max(0, cfg.steps - base) if cfg.steps else 0

@@ -37,7 +37,7 @@ def test_bench_cli_writes_json_markdown_and_plots(tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["machine"]["usable_cores"] >= 1
     rows = doc["rows"]["sparse"]
-    assert {r["contender"] for r in rows} == {"single", "po3 (lock-free)", "po1 (locked)"}
+    assert {r["contender"] for r in rows} == {"plain process", "paramserver po3", "paramserver striped"}
     assert all(r["seconds"] > 0 and r["loss"] < 0.6931 for r in rows)  # below the initial log 2
     assert "## sparse" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "sparse-speedup.png").stat().st_size > 0

@@ -68,8 +68,8 @@ def test_csr_inputs_live_in_the_data_segment_as_three_arrays():
     data = make_dataset(m, y)
     assert isinstance(data.x_train, CSR) and data.input_shape == (1000,)
     np.testing.assert_array_equal(data.x_train.toarray().sum(), data.x_train.data.sum())
-    seg, shared = share_training_data(data)
-    with seg:
+    with share_training_data(data) as shared:
+        seg = shared.segment
         assert sorted(f.name for f in seg.layout) == ["csr/data", "csr/indices", "csr/indptr", "y"]
         x, y_seen = shared.arrays()
         np.testing.assert_array_equal(x.toarray(), data.x_train.toarray())

@@ -336,9 +336,9 @@ def test_load_npz_other_non_npz_files_raise_value_error(tmp_path, write):
 def test_share_training_data():
     d = make_dataset(*_xy(30))
 
-    seg, shared = share_training_data(d)
-    assert shared.files == {}
-    with seg:
+    with share_training_data(d) as shared:
+        seg = shared.segment
+        assert shared.files == {}
         assert isinstance(seg, Segment)
         assert seg.meta == {"kind": "data"}
         np.testing.assert_array_equal(seg["x"], d.x_train)

@@ -152,8 +152,8 @@ def test_the_worker_loop_runs_against_a_store_that_is_not_shared_memory(digits):
     spec, layout, init = _numpy_model_spec()
     store = MemoryStore(layout, workers=1, state_slots=cfg.update_rule().state_slots)
     store.params[...] = init
-    with share_training_data(data) as segment:
-        task = SupervisedTask(spec, segment, cfg.batch_size, cfg.epochs)
+    with share_training_data(data) as shared:
+        task = SupervisedTask(spec, shared, cfg.batch_size, cfg.epochs)
         plan = WorkerPlan(rank=0, workers=1, cores=None, threads=1, parent_pid=os.getppid())
         step = prepare(plan, store, task, cfg)
         while step():

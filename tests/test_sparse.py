@@ -149,8 +149,8 @@ def test_int64_ids_above_2_pow_24_arrive_intact_in_the_batch():
     big = np.array([[2**24 + 1, 2**40 + 3], [2**31 + 7, 2**53 - 1]], np.int64)
     data = ps.make_dataset(np.repeat(big, 8, axis=0), np.arange(16) % 2, classes=2)
     assert data.x_train.dtype == np.int64
-    seg, _ = share_training_data(data)
-    with seg:
+    with share_training_data(data) as shared:
+        seg = shared.segment
         x = seg["x"]
         assert x.dtype == np.int64
         assert set(map(tuple, x.tolist())) == set(map(tuple, big.tolist()))
