@@ -42,6 +42,8 @@ from .store import STATUS
 
 JOIN_TIMEOUT = 10.0
 """Seconds the workers get to stop on their own before they are killed."""
+START_TIMEOUT = 120.0
+"""Seconds a worker waits at the start barrier for the others before it starts alone."""
 START_GRACE = 10.0
 """Seconds a worker may take to start (spawn, imports, model) before it counts as hung,
 when ``hang_timeout`` is shorter: importing a framework on a loaded machine takes
@@ -274,6 +276,12 @@ class Supervisor:
             starting = now - self._launched[rank]
             if starting > max(timeout, START_GRACE):
                 return f"hung: not started after {starting:.1f} s, --hang-timeout {timeout:g}", True
+        if timeout and row.status == STATUS["ready"]:
+            # Waiting at the start barrier for the others is not hanging: that wait ends
+            # when they arrive, when the barrier is opened for them, or after START_TIMEOUT.
+            waiting = now - row.heartbeat
+            if waiting > START_TIMEOUT + max(timeout, START_GRACE):
+                return f"hung: at the start barrier for {waiting:.1f} s", True
         return None
 
     def _supervise(self, *, restart: bool = True) -> None:

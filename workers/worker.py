@@ -40,11 +40,10 @@ from paramserver.data import epoch_orders, shard
 from paramserver.layout import Layout
 from paramserver.optim import Updater, values_finite
 from paramserver.store import STATUS, Gradient, Segment, Store, row_span
+from paramserver.supervise import START_TIMEOUT as START_TIMEOUT
 
 from .backends import Backend, ModelSpec, backend_class
 
-START_TIMEOUT = 120.0
-"""Seconds a worker waits for the others to be ready before starting alone."""
 FINISHED = object()
 """What :meth:`Task.forward` returns when the task has no more work (its epochs are done)."""
 
@@ -261,6 +260,10 @@ def prepare(
     if stale_first is not None:
         stale_first.bind(counters.column("urgent"))
     if plan.life == 0 and start is not None:
+        # Built and waiting for the others: the server must not take this wait for a
+        # start-up hang (the one it waits for is the worker still starting).
+        row.heartbeat = time.time()
+        row.status = STATUS["ready"]
         try:
             start.wait(START_TIMEOUT)  # the others are still importing: begin together
         except threading.BrokenBarrierError:
