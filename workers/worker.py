@@ -235,6 +235,10 @@ def prepare(
     grad = np.zeros(params.shape, params.dtype)
     assert config.lr is not None
     update = Updater(rule, params, grad, state, config.lr)
+    # Load the compiled kernels now (0.3-0.5 s, more on a loaded machine), not in the first
+    # step: from the first step on, hang_timeout counts, and a worker that spent it loading
+    # kernels while another was being spawned next to it was taken for hung.
+    rule.warm_up(params.dtype.type)
     schedule = config.lr_schedule_for(max(1, plan.total_updates))
     attenuation = config.attenuation_rule()
     counters = store.counters
