@@ -52,8 +52,8 @@ assert _HEADER.size <= ALIGN
 SHM_DIR = "/dev/shm"
 SHM_RESERVE = 256 * 1024
 """Room left in /dev/shm after every segment: the run's semaphores (a page each) and
-multiprocessing's shared heap (the start barrier's counters) live there too, in sparse
-files that kill the process with SIGBUS, not an error, when a page cannot be had."""
+multiprocessing's shared heap, if anything uses it, live there too, in sparse files
+that kill the process with SIGBUS, not an error, when a page cannot be had."""
 
 # Names this process created. Its resource tracker holds them until unlink(), so an
 # attach from this same process must not unregister them (see Segment.attach).

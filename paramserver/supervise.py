@@ -132,6 +132,42 @@ def _forkserver_pid() -> int:
     return int(pid)
 
 
+class StartBarrier:
+    """Where a run's first workers wait for each other before their first step.
+
+    Two semaphores, not multiprocessing's ``Barrier``: that one is built on its
+    ``Condition``, whose ``notify`` waits, without a timeout, for every sleeper it wakes
+    to say it woke. A party killed while it waited there (SIGKILL, the OOM killer, the
+    restart of a worker taken for hung) never says so, and the next ``abort()`` or last
+    arrival blocks for ever: in the server, its whole watch (no supervision, no
+    ``max_seconds``, a SIGTERM only noted). Here a party only adds permits and takes
+    one, so that no process ever waits for another to do something.
+
+    Pickled to the workers when they are spawned, like any semaphore.
+    """
+
+    def __init__(self, ctx: Any, parties: int):
+        self.parties = parties
+        self._arrived = ctx.Semaphore(0)
+        self._open = ctx.Semaphore(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Arrive, and wait until every party has arrived or the barrier was opened
+        (True), or for ``timeout`` seconds (False). Each party waits once."""
+        self._arrived.release()
+        # Each party counts after it arrived, so the last one sees them all. Two arriving
+        # together may both open: spare permits are harmless, nobody waits twice.
+        if self._arrived.get_value() >= self.parties:
+            self.abort()
+        return self._open.acquire(True, timeout)
+
+    def abort(self) -> None:
+        """Let every party through, those that wait and those still to come; never blocks.
+        The server calls it when a party died before it arrived (its restart does not wait)."""
+        for _ in range(self.parties):
+            self._open.release()
+
+
 def run_span(rows: list[dict[str, float]]) -> tuple[float, float]:
     """``time.time()`` when the first worker began and when the last one finished
     (now, if one has not finished), from the workers' counter rows."""
@@ -318,7 +354,8 @@ class Supervisor:
             if self.start_barrier is not None:
                 # The dead party will never reach the start barrier (its restart does not
                 # wait there): release whoever waits, rather than strand them for
-                # START_TIMEOUT. Harmless once everyone has passed it.
+                # START_TIMEOUT. Harmless once everyone has passed it, and it never
+                # blocks (a StartBarrier), even if the dead one was waiting there.
                 self.start_barrier.abort()
         if self.restarts:  # free what the dead held (also locks leaked in a kill's window)
             alive = np.array([p.is_alive() for p in self.processes])

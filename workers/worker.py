@@ -268,10 +268,10 @@ def prepare(
         # start-up hang (the one it waits for is the worker still starting).
         row.heartbeat = time.time()
         row.status = STATUS["ready"]
-        try:
+        try:  # a StartBarrier, or a multiprocessing Barrier (the benchmarks')
             start.wait(START_TIMEOUT)  # the others are still importing: begin together
         except threading.BrokenBarrierError:
-            pass  # one failed to start; the server sees it and stops the run
+            pass  # one failed to start; the server sees it and restarts it or stops the run
     now = time.time()
     row.heartbeat = now
     if not row.started:
