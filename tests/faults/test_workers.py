@@ -101,16 +101,7 @@ def test_a_segment_larger_than_free_shared_memory_fails_before_training(monkeypa
 
 @pytest.mark.parametrize(
     "mode",
-    [
-        "kill",
-        pytest.param(
-            "hang",
-            marks=pytest.mark.skip(
-                reason="KNOWN FAILURE after the merge with by-value model pickling: the run is not "
-                "stopped within 300 s when a worker hangs while unpickling its model (open, see the note)"
-            ),
-        ),
-    ],
+    ["kill", "hang"],
 )
 def test_a_worker_that_fails_during_start_up_does_not_strand_the_others(digits, tmp_path, mode):
     # One worker dies (or hangs) before it reaches the start barrier. The other must not
