@@ -58,7 +58,7 @@ from .store import (
     staleness,
     sweep_stale,
 )
-from .supervise import Supervisor, run_span, worker_context
+from .supervise import StartBarrier, Supervisor, run_span, worker_context
 from .supervise import WorkerError as WorkerError  # raised by runs; importable from here as before
 
 POLL_SECONDS = 0.1
@@ -244,7 +244,7 @@ class Server(Supervisor):
             # Workers start their first step together, once every one has built its model:
             # spawning and importing take long enough that staggered starts would skew
             # every figure of the first second.
-            self.start_barrier = ctx.Barrier(cfg.workers)
+            self.start_barrier = StartBarrier(ctx, cfg.workers)
         cores = usable_cores()
         threads = cfg.threads_per_worker(len(cores))
         pin = cfg.pins(len(cores))

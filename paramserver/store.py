@@ -52,8 +52,8 @@ assert _HEADER.size <= ALIGN
 SHM_DIR = "/dev/shm"
 SHM_RESERVE = 256 * 1024
 """Room left in /dev/shm after every segment: the run's semaphores (a page each) and
-multiprocessing's shared heap (the start barrier's counters) live there too, in sparse
-files that kill the process with SIGBUS, not an error, when a page cannot be had."""
+multiprocessing's shared heap, if anything uses it, live there too, in sparse files
+that kill the process with SIGBUS, not an error, when a page cannot be had."""
 
 # Names this process created. Its resource tracker holds them until unlink(), so an
 # attach from this same process must not unregister them (see Segment.attach).
@@ -301,7 +301,7 @@ COUNTER_FIELDS = (
     "samples",  # training samples (RL: environment steps) it has consumed
     "loss",  # smoothed loss of its last batches
     "pulled_version",  # global update count when it last read the parameters
-    "heartbeat",  # time.time() of its last step
+    "heartbeat",  # time.time() of its last step (or of reaching the start barrier)
     "status",  # one of STATUS
     "epoch",  # passes over its shard completed
     "batch",  # batches of the current epoch done (a restarted worker resumes there)
@@ -321,7 +321,9 @@ COUNTER_FIELDS = (
 """The named columns of a worker's row; :class:`Counters` is the only code that
 knows their positions."""
 _COLUMN = {name: i for i, name in enumerate(COUNTER_FIELDS)}
-STATUS = {"starting": 0.0, "running": 1.0, "done": 2.0, "failed": 3.0}
+STATUS = {"starting": 0.0, "running": 1.0, "done": 2.0, "failed": 3.0, "ready": 4.0}
+"""A worker's state: ``starting`` (spawned, importing, building its model), ``ready``
+(built, waiting at the start barrier for the others), ``running``, ``done``, ``failed``."""
 CONTROL_FIELDS = (
     "stop",  # set by the server: every worker leaves at its next step
     "base_version",  # updates made before this run (a resumed checkpoint's version)

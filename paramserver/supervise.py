@@ -42,6 +42,8 @@ from .store import STATUS
 
 JOIN_TIMEOUT = 10.0
 """Seconds the workers get to stop on their own before they are killed."""
+START_TIMEOUT = 120.0
+"""Seconds a worker waits at the start barrier for the others before it starts alone."""
 START_GRACE = 10.0
 """Seconds a worker may take to start (spawn, imports, model) before it counts as hung,
 when ``hang_timeout`` is shorter: importing a framework on a loaded machine takes
@@ -128,6 +130,42 @@ def _forkserver_pid() -> int:
     pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
     assert pid, "forkserver not running"
     return int(pid)
+
+
+class StartBarrier:
+    """Where a run's first workers wait for each other before their first step.
+
+    Two semaphores, not multiprocessing's ``Barrier``: that one is built on its
+    ``Condition``, whose ``notify`` waits, without a timeout, for every sleeper it wakes
+    to say it woke. A party killed while it waited there (SIGKILL, the OOM killer, the
+    restart of a worker taken for hung) never says so, and the next ``abort()`` or last
+    arrival blocks for ever: in the server, its whole watch (no supervision, no
+    ``max_seconds``, a SIGTERM only noted). Here a party only adds permits and takes
+    one, so that no process ever waits for another to do something.
+
+    Pickled to the workers when they are spawned, like any semaphore.
+    """
+
+    def __init__(self, ctx: Any, parties: int):
+        self.parties = parties
+        self._arrived = ctx.Semaphore(0)
+        self._open = ctx.Semaphore(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Arrive, and wait until every party has arrived or the barrier was opened
+        (True), or for ``timeout`` seconds (False). Each party waits once."""
+        self._arrived.release()
+        # Each party counts after it arrived, so the last one sees them all. Two arriving
+        # together may both open: spare permits are harmless, nobody waits twice.
+        if self._arrived.get_value() >= self.parties:
+            self.abort()
+        return self._open.acquire(True, timeout)
+
+    def abort(self) -> None:
+        """Let every party through, those that wait and those still to come; never blocks.
+        The server calls it when a party died before it arrived (its restart does not wait)."""
+        for _ in range(self.parties):
+            self._open.release()
 
 
 def run_span(rows: list[dict[str, float]]) -> tuple[float, float]:
@@ -274,6 +312,12 @@ class Supervisor:
             starting = now - self._launched[rank]
             if starting > max(timeout, START_GRACE):
                 return f"hung: not started after {starting:.1f} s, --hang-timeout {timeout:g}", True
+        if timeout and row.status == STATUS["ready"]:
+            # Waiting at the start barrier for the others is not hanging: that wait ends
+            # when they arrive, when the barrier is opened for them, or after START_TIMEOUT.
+            waiting = now - row.heartbeat
+            if waiting > START_TIMEOUT + max(timeout, START_GRACE):
+                return f"hung: at the start barrier for {waiting:.1f} s", True
         return None
 
     def _supervise(self, *, restart: bool = True) -> None:
@@ -310,7 +354,8 @@ class Supervisor:
             if self.start_barrier is not None:
                 # The dead party will never reach the start barrier (its restart does not
                 # wait there): release whoever waits, rather than strand them for
-                # START_TIMEOUT. Harmless once everyone has passed it.
+                # START_TIMEOUT. Harmless once everyone has passed it, and it never
+                # blocks (a StartBarrier), even if the dead one was waiting there.
                 self.start_barrier.abort()
         if self.restarts:  # free what the dead held (also locks leaked in a kill's window)
             alive = np.array([p.is_alive() for p in self.processes])

@@ -137,3 +137,9 @@ class FaultyStart(NumpyMLP):
         if self.mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(3600)
+
+
+def wait_at(barrier, marker: str) -> None:
+    """A party of ``barrier`` that says (a file) it is about to wait, then waits there."""
+    open(marker, "w").close()
+    barrier.wait(600)

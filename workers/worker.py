@@ -40,11 +40,10 @@ from paramserver.data import TrainingData, epoch_orders, num_samples, shard, tak
 from paramserver.layout import Layout
 from paramserver.optim import Updater, values_finite
 from paramserver.store import STATUS, Gradient, Store, row_span
+from paramserver.supervise import START_TIMEOUT as START_TIMEOUT
 
 from .backends import Backend, ModelSpec, backend_class
 
-START_TIMEOUT = 120.0
-"""Seconds a worker waits for the others to be ready before starting alone."""
 FINISHED = object()
 """What :meth:`Task.forward` returns when the task has no more work (its epochs are done)."""
 
@@ -236,6 +235,10 @@ def prepare(
     grad = np.zeros(params.shape, params.dtype)
     assert config.lr is not None
     update = Updater(rule, params, grad, state, config.lr)
+    # Load the compiled kernels now (0.3-0.5 s, more on a loaded machine), not in the first
+    # step: from the first step on, hang_timeout counts, and a worker that spent it loading
+    # kernels while another was being spawned next to it was taken for hung.
+    rule.warm_up(params.dtype.type)
     schedule = config.lr_schedule_for(max(1, plan.total_updates))
     attenuation = config.attenuation_rule()
     counters = store.counters
@@ -261,10 +264,14 @@ def prepare(
     if stale_first is not None:
         stale_first.bind(counters.column("urgent"))
     if plan.life == 0 and start is not None:
-        try:
+        # Built and waiting for the others: the server must not take this wait for a
+        # start-up hang (the one it waits for is the worker still starting).
+        row.heartbeat = time.time()
+        row.status = STATUS["ready"]
+        try:  # a StartBarrier, or a multiprocessing Barrier (the benchmarks')
             start.wait(START_TIMEOUT)  # the others are still importing: begin together
         except threading.BrokenBarrierError:
-            pass  # one failed to start; the server sees it and stops the run
+            pass  # one failed to start; the server sees it and restarts it or stops the run
     now = time.time()
     row.heartbeat = now
     if not row.started:

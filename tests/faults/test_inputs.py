@@ -125,8 +125,8 @@ def _needs_unshare_m() -> None:
 
 @pytest.mark.parametrize("size", [200_000, 438_272, 512_000])
 def test_a_small_dev_shm_is_one_line_never_sigbus(tmp_path, size):
-    # Around the size where the segments fit and the semaphores and the barrier's heap
-    # do not: either the run trains, or it says there is no room; never SIGBUS (135).
+    # Around the size where the segments fit and the semaphores do not: either the run
+    # trains, or it says there is no room; never SIGBUS (135).
     _needs_unshare_m()
     rc, stdout, stderr, pid = run(_private_shm(size, *TRAIN, "--out-dir", str(tmp_path / "runs")))
     assert rc in (0, 2), (rc, stderr)

@@ -3,12 +3,16 @@ cleanly (completed, or stopped with a clear error), with nothing left in /dev/sh
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
+import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
-from helpers import Faulty, FaultyStart, config
+from helpers import Faulty, FaultyStart, config, wait_at
 
 import paramserver as ps
 from paramserver.models.numpy_models import NumpyMLP
@@ -97,16 +101,7 @@ def test_a_segment_larger_than_free_shared_memory_fails_before_training(monkeypa
 
 @pytest.mark.parametrize(
     "mode",
-    [
-        "kill",
-        pytest.param(
-            "hang",
-            marks=pytest.mark.skip(
-                reason="KNOWN FAILURE after the merge with by-value model pickling: the run is not "
-                "stopped within 300 s when a worker hangs while unpickling its model (open, see the note)"
-            ),
-        ),
-    ],
+    ["kill", "hang"],
 )
 def test_a_worker_that_fails_during_start_up_does_not_strand_the_others(digits, tmp_path, mode):
     # One worker dies (or hangs) before it reaches the start barrier. The other must not
@@ -122,3 +117,29 @@ def test_a_worker_that_fails_during_start_up_does_not_strand_the_others(digits, 
     assert (tmp_path / "fired").exists()
     assert result.stop_reason == "callback", result.summary()
     assert result.restarts == 1
+
+
+def test_a_party_killed_at_the_start_barrier_blocks_nobody(tmp_path):
+    # multiprocessing's Barrier: a party killed while waiting makes the next abort() (the
+    # server's, once it restarts that worker) wait for ever for it to wake.
+    from paramserver.supervise import StartBarrier
+
+    ctx = mp.get_context("spawn")
+    barrier = StartBarrier(ctx, 3)
+    marker = tmp_path / "waiting"
+    p = ctx.Process(target=wait_at, args=(barrier, str(marker)), daemon=True)
+    p.start()
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and psutil.Process(p.pid).status() == psutil.STATUS_SLEEPING):
+        assert time.monotonic() < deadline, "the party never waited"
+        time.sleep(0.05)
+    time.sleep(0.2)  # well inside its wait
+    p.kill()
+    p.join(10)
+    aborting = threading.Thread(target=barrier.abort, daemon=True)
+    aborting.start()
+    aborting.join(5)
+    assert not aborting.is_alive(), "abort() blocked on the dead party"
+    started = time.monotonic()
+    assert barrier.wait(5)  # a party arriving after the abort goes through at once
+    assert time.monotonic() - started < 1
