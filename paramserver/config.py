@@ -268,15 +268,6 @@ class ClusterConfig:
         return ClusterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClusterConfig)})
 
 
-def _address(cluster: str) -> tuple[str, int] | None:
-    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT``; None if it is neither."""
-    rest = cluster.removeprefix("ray://")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
-
-
 @dataclass
 class TrainConfig(ClusterConfig, RunConfig):
     """How to train: workers, policy, update rule, budget, placement, output."""

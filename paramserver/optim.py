@@ -23,7 +23,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import ModuleType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -111,7 +111,6 @@ class UpdateRule(ABC):
     scratch_slots: ClassVar[int] = 1
     """Rows of process-local temporaries the rule needs."""
 
-    @abstractmethod
     def apply(
         self,
         p: np.ndarray,
@@ -123,7 +122,20 @@ class UpdateRule(ABC):
     ) -> None:
         """Update ``p`` in place. ``state`` is ``(state_slots, n)``, ``scratch``
         ``(scratch_slots, n)``; ``t`` is the 1-based step number (bias correction).
-        Runs the fused kernel where it can, else :meth:`apply_numpy`."""
+        Runs the fused kernel (:meth:`apply_fused`) where it can, else :meth:`apply_numpy`."""
+        dt = _fusable(p, g, state)
+        if dt is None:
+            self.apply_numpy(p, g, state, t, lr, scratch)
+            return
+        k = _kernels()
+        assert k is not None
+        self.apply_fused(k, dt, p, g, state, t, lr)
+
+    def apply_fused(
+        self, k: Any, dt: np.dtype, p: np.ndarray, g: np.ndarray, state: np.ndarray, t: int, lr: float
+    ) -> None:
+        """:meth:`apply` as one compiled pass of :mod:`paramserver.kernels` (``k``) in ``dt``."""
+        raise NotImplementedError
 
     @abstractmethod
     def apply_numpy(
@@ -223,13 +235,7 @@ class SGD(UpdateRule):
     def state_slots(self) -> int:  # type: ignore[override]
         return 1 if self.momentum else 0
 
-    def apply(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
-        dt = _fusable(p, g, state)
-        if dt is None:
-            self.apply_numpy(p, g, state, t, lr, scratch)
-            return
-        k = _kernels()
-        assert k is not None
+    def apply_fused(self, k, dt, p, g, state, t, lr):  # type: ignore[no-untyped-def]
         if self.momentum:
             lr_, mom, wd = k.scalars(dt, lr, self.momentum, self.weight_decay)
             k.sgd_momentum(p, g, state[0], lr_, mom, wd, bool(self.weight_decay), self.nesterov)
@@ -295,13 +301,7 @@ class Adam(UpdateRule):
             if not 0.0 <= getattr(self, b) < 1.0:
                 raise ValueError(f"{b} must be in [0, 1), got {getattr(self, b)}")
 
-    def apply(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
-        dt = _fusable(p, g, state)
-        if dt is None:
-            self.apply_numpy(p, g, state, t, lr, scratch)
-            return
-        k = _kernels()
-        assert k is not None
+    def apply_fused(self, k, dt, p, g, state, t, lr):  # type: ignore[no-untyped-def]
         bc1 = 1.0 - self.beta1**t
         bc2 = 1.0 - self.beta2**t
         mode = 0 if not self.weight_decay else 2 if self.decoupled else 1
@@ -374,6 +374,25 @@ class Adam(UpdateRule):
         _check_rows_code(code)
 
 
+def _with_decay(g: np.ndarray, p: np.ndarray, weight_decay: float, out: np.ndarray) -> np.ndarray:
+    """``g + weight_decay * p`` (L2 weight decay as torch adds it), in ``out``; ``g`` itself
+    without weight decay."""
+    if not weight_decay:
+        return g
+    return np.add(g, np.multiply(p, weight_decay, out=out), out=out)
+
+
+def _scaled_step(
+    p: np.ndarray, g: np.ndarray, acc: np.ndarray, eps: float, lr: float, out: np.ndarray
+) -> None:
+    """``p -= lr * g / (sqrt(acc) + eps)`` through ``out`` (RMSprop's and Adagrad's step)."""
+    denom = np.sqrt(acc, out=out)
+    denom += eps
+    np.divide(g, denom, out=denom)
+    denom *= lr
+    p -= denom
+
+
 @dataclass
 class RMSProp(UpdateRule):
     """``torch.optim.RMSprop`` (not centered, no momentum); the A3C optimizer."""
@@ -385,13 +404,7 @@ class RMSProp(UpdateRule):
     state_slots: ClassVar[int] = 1
     scratch_slots: ClassVar[int] = 2
 
-    def apply(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
-        dt = _fusable(p, g, state)
-        if dt is None:
-            self.apply_numpy(p, g, state, t, lr, scratch)
-            return
-        k = _kernels()
-        assert k is not None
+    def apply_fused(self, k, dt, p, g, state, t, lr):  # type: ignore[no-untyped-def]
         alpha, one_minus_alpha, eps, lr_, wd = k.scalars(
             dt, self.alpha, 1.0 - self.alpha, self.eps, lr, self.weight_decay
         )
@@ -399,17 +412,12 @@ class RMSProp(UpdateRule):
 
     def apply_numpy(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
         v = state[0]
-        if self.weight_decay:
-            g = np.add(g, np.multiply(p, self.weight_decay, out=scratch[0]), out=scratch[0])
+        g = _with_decay(g, p, self.weight_decay, scratch[0])
         sq = np.multiply(g, g, out=scratch[1])
         sq *= 1.0 - self.alpha
         v *= self.alpha
         v += sq
-        denom = np.sqrt(v, out=scratch[1])
-        denom += self.eps
-        np.divide(g, denom, out=denom)
-        denom *= lr
-        p -= denom
+        _scaled_step(p, g, v, self.eps, lr, scratch[1])
 
 
 @dataclass
@@ -423,27 +431,15 @@ class Adagrad(UpdateRule):
     state_slots: ClassVar[int] = 1
     scratch_slots: ClassVar[int] = 2
 
-    def apply(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
-        dt = _fusable(p, g, state)
-        if dt is None:
-            self.apply_numpy(p, g, state, t, lr, scratch)
-            return
-        k = _kernels()
-        assert k is not None
+    def apply_fused(self, k, dt, p, g, state, t, lr):  # type: ignore[no-untyped-def]
         eps, lr_, wd = k.scalars(dt, self.eps, lr, self.weight_decay)
         k.adagrad(p, g, state[0], eps, lr_, wd, bool(self.weight_decay))
 
     def apply_numpy(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
         s = state[0]
-        if self.weight_decay:
-            g = np.add(g, np.multiply(p, self.weight_decay, out=scratch[0]), out=scratch[0])
-        sq = np.multiply(g, g, out=scratch[1])
-        s += sq
-        denom = np.sqrt(s, out=scratch[1])
-        denom += self.eps
-        np.divide(g, denom, out=denom)
-        denom *= lr
-        p -= denom
+        g = _with_decay(g, p, self.weight_decay, scratch[0])
+        s += np.multiply(g, g, out=scratch[1])
+        _scaled_step(p, g, s, self.eps, lr, scratch[1])
 
     @property
     def supports_rows(self) -> bool:

@@ -104,6 +104,8 @@ SLOW_VARIANTS = {
     "tests/test_tf.py::test_every_policy_runs_two_tf_workers_and_locking_ones_lose_no_update[po1]",
     "tests/test_tf.py::test_every_policy_runs_two_tf_workers_and_locking_ones_lose_no_update[po2]",
     "tests/test_tf.py::test_keras_models_reach_95_percent_on_digits_with_two_workers[subclassed]",
+    "tests/test_tf.py::test_every_policy_runs_two_tf_workers_and_locking_ones_lose_no_update[striped]",
+    "tests/test_tasks.py::test_a_keras_model_of_two_inputs_gets_a_dict_and_learns",
     "tests/test_cluster.py::test_downpour_loses_no_delta[1000]",
     "tests/test_rl.py::test_a_killed_worker_is_restarted_and_the_run_finishes[a3c-po1]",
     "tests/test_rl.py::test_a3c_under_a_locking_policy_with_an_env_factory[striped]",
