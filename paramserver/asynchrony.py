@@ -25,9 +25,9 @@ worker sees the same rate at the same point of training.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -120,28 +120,36 @@ class LRSchedule:
 
 
 class StaleFirst:
-    """Stale-first order of updates, without spinning.
+    """Stale-first order of updates, without spinning and without a shared lock.
 
     A worker whose staleness reached ``threshold`` marks itself urgent (its
     staleness in its own counter row) and goes ahead of every non-urgent worker
-    and of less stale urgent ones; the others wait on a shared condition
-    variable (asleep, not polling) until no more urgent worker is waiting ahead
-    of them. A waiter gives up after ``timeout`` seconds, so a worker that dies
-    while urgent delays the others by at most that.
+    and of less stale urgent ones; the others wait until no more urgent worker
+    is ahead of them, looking at the urgent column after sleeps that grow from
+    ``POLL_MIN`` to ``POLL_MAX`` seconds (asleep, not spinning: a waiter wakes
+    at most ``1 / POLL_MAX`` times a second). A waiter gives up after
+    ``timeout`` seconds, so a worker that dies while urgent delays the others by
+    at most that.
+
+    There is deliberately no lock or condition variable: a worker SIGKILLed
+    while holding one, or while counted as a condition's sleeper, would leave
+    the others blocked for good. The column is the only shared state, and the
+    server clears a dead worker's mark.
 
     Cost: one lock-free read of the urgent column per step; when someone is
-    urgent, the waiters sleep (their cores idle) and every urgent update ends
-    with a lock round-trip and a wake-up. Created by the server (the condition
-    comes from its multiprocessing context); a worker calls :meth:`bind` with its
-    view of the urgent column before the first step.
+    urgent, the waiters sleep (their cores idle) and see the urgent update land
+    within ``POLL_MAX``. A worker calls :meth:`bind` with its view of the urgent
+    column before the first step.
     """
 
-    def __init__(self, ctx: Any, threshold: int, timeout: float = 0.5):
+    POLL_MIN = 50e-6
+    POLL_MAX = 2e-3
+
+    def __init__(self, threshold: int, timeout: float = 0.5):
         if threshold < 1:
             raise ValueError(f"stale_first threshold must be at least 1, got {threshold}")
         self.threshold = threshold
         self.timeout = timeout
-        self.cond = ctx.Condition()
         self.urgent: np.ndarray | None = None
         self.waits = 0
         """Times this worker slept because others went first."""
@@ -170,21 +178,19 @@ class StaleFirst:
         else:
             staleness = 0
             if not col.any():
-                return False  # the common case: nobody urgent, no lock taken
+                return False  # the common case: nobody urgent, nothing to wait for
         if self._ahead(rank, staleness):
             self.waits += 1
-            with self.cond:
-                self.cond.wait_for(lambda: not self._ahead(rank, staleness), self.timeout)
+            deadline = time.monotonic() + self.timeout
+            pause = self.POLL_MIN
+            while self._ahead(rank, staleness):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, self.POLL_MAX)
         return urgent
 
     def after(self, rank: int) -> None:
         assert self.urgent is not None
         self.urgent[rank] = 0
-        with self.cond:
-            self.cond.notify_all()
-
-    def wake(self) -> None:
-        """Wake every waiter so it looks again (the server calls it after clearing a
-        dead worker's urgent mark)."""
-        with self.cond:
-            self.cond.notify_all()

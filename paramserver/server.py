@@ -240,7 +240,7 @@ class Server(Supervisor):
         with semaphore_names(f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}") as self._sem_locks:
             store.prepare(ctx, cfg)  # the store's consistency rule: its locking policy
             if cfg.stale_first:
-                self.stale_first = StaleFirst(ctx, cfg.stale_first)
+                self.stale_first = StaleFirst(cfg.stale_first)
             # Workers start their first step together, once every one has built its model:
             # spawning and importing take long enough that staggered starts would skew
             # every figure of the first second.
@@ -286,10 +286,6 @@ class Server(Supervisor):
         if self._tmp_lock is not None:
             os.close(self._tmp_lock)
             self._tmp_lock = None
-
-    def _restarted(self, ranks: list[int]) -> None:
-        if self.stale_first is not None:  # a gate may be waiting for a worker that died
-            self.stale_first.wake()
 
     # -- checkpoints --------------------------------------------------------------
 

@@ -371,11 +371,6 @@ class Supervisor:
             assert self._launch is not None
             self._launched[rank] = time.time()
             self.processes[rank] = self._launch(rank, int(row.restarts))
-        if dead:
-            self._restarted(dead)
-
-    def _restarted(self, ranks: list[int]) -> None:
-        """Called once workers ``ranks`` have been started again."""
 
     def check_workers(self) -> None:
         """Restart dead or hung workers as configured; raise :class:`WorkerError` when

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import mmap
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 
@@ -143,7 +146,7 @@ def test_exp_attenuation_damps_stale_gradients():
 
 
 def test_stale_first_lets_the_urgent_worker_go_first_without_spinning():
-    gate = StaleFirst(mp.get_context("spawn"), threshold=3, timeout=5.0)
+    gate = StaleFirst(threshold=3, timeout=5.0)
     gate.bind(np.zeros(2))
     order: list[str] = []
     assert gate.before(rank=0, staleness=5)  # urgent: goes at once, marks itself
@@ -159,6 +162,46 @@ def test_stale_first_lets_the_urgent_worker_go_first_without_spinning():
     assert order == ["urgent", "fresh"]
     assert time.process_time() - cpu0 < 0.2, "the waiter spun on the CPU"
     assert gate.before(rank=1, staleness=0) is False  # nobody urgent: no wait, no lock
+
+
+def _wait_as_fresh(buf: mmap.mmap) -> None:
+    gate = StaleFirst(threshold=3, timeout=60.0)
+    gate.bind(np.frombuffer(buf, dtype=np.float64))
+    gate.before(rank=1, staleness=0)
+
+
+def test_a_waiter_killed_while_waiting_blocks_nobody():
+    # A waiter SIGKILLed in the middle of its wait must not leave anything behind that
+    # the urgent worker (or the next waiter) then blocks on: no lock held, no sleeper
+    # counted. Forked, so the child shares the anonymous mapping (no file, no segment).
+    buf = mmap.mmap(-1, 3 * 8)
+    col = np.frombuffer(buf, dtype=np.float64)
+    gate = StaleFirst(threshold=3, timeout=60.0)
+    gate.bind(col)
+    assert gate.before(rank=0, staleness=5)
+    waiter = mp.get_context("fork").Process(target=_wait_as_fresh, args=(buf,))
+    waiter.start()
+    try:
+        time.sleep(0.3)
+        assert waiter.is_alive(), "the fresh worker did not wait for the urgent one"
+        os.kill(waiter.pid, signal.SIGKILL)
+        waiter.join(5)
+        done = threading.Event()
+        threading.Thread(target=lambda: (gate.after(rank=0), done.set()), daemon=True).start()
+        assert done.wait(2), "the urgent worker blocked on what the killed waiter left"
+        # The gate still works for the others: urgent again, a fresh thread waits, then goes.
+        assert gate.before(rank=0, staleness=4)
+        went = threading.Event()
+        other = threading.Thread(target=lambda: (gate.before(rank=2, staleness=0), went.set()), daemon=True)
+        other.start()
+        assert not went.wait(0.2)
+        gate.after(rank=0)
+        assert went.wait(2)
+    finally:
+        if waiter.is_alive():
+            waiter.kill()
+        waiter.join(5)
+        buf.close()
 
 
 @pytest.mark.parametrize("policy", ps.POLICIES)
