@@ -264,6 +264,14 @@ def _read_safetensors(path: str, what: str) -> tuple[dict[str, str], dict[str, n
         raise _error(
             path, f"holds a tensor NumPy cannot represent ({e}); it is not a paramserver {what}"
         ) from None
+    # Once ml_dtypes is imported (TensorFlow, JAX and tensorboard import it), safetensors hands
+    # bfloat16 and float8 over as NumPy "void"-kind dtypes instead of failing: refuse them the
+    # same way, whatever else the process imported.
+    odd = [f"{k}: {v.dtype}" for k, v in tensors.items() if v.dtype.kind not in "biuf"]
+    if odd:
+        raise _error(
+            path, f"holds a tensor NumPy cannot represent ({', '.join(odd)}); it is not a paramserver {what}"
+        )
     return metadata, tensors
 
 

@@ -423,6 +423,20 @@ def test_a_dtype_numpy_lacks_is_refused(tmp_path):
         checkpoint.load_checkpoint(path)
 
 
+def test_a_dtype_numpy_lacks_is_refused_after_ml_dtypes_is_imported(tmp_path):
+    # TensorFlow, JAX and tensorboard import ml_dtypes, which teaches NumPy bfloat16 as a
+    # "void"-kind dtype: safetensors then reads the tensor instead of failing.
+    pytest.importorskip("ml_dtypes")
+    path = str(tmp_path / "checkpoint.safetensors")
+    safetensors.torch.save_file(
+        {"counters": torch.zeros(2, WIDTH, dtype=torch.bfloat16)},
+        path,
+        metadata={"format": "paramserver-checkpoint", "format_version": "2"},
+    )
+    with refused(path, r"NumPy cannot represent \(counters: bfloat16\)"):
+        checkpoint.load_checkpoint(path)
+
+
 def test_a_header_length_past_the_end_is_truncation(tmp_path):
     path = tmp_path / "checkpoint.safetensors"
     path.write_bytes(struct.pack("<Q", 1000) + b'{"__metadata__": {}}')
