@@ -21,8 +21,8 @@ from paramserver.machine import machine_info, usable_cores
 
 SUITES = ("throughput", "overhead", "memory", "tta", "sparse")
 """The default suites (a full run of them takes about 15 minutes on 2 cores)."""
-EXTRA_SUITES = ("asynchrony", "rl", "tf", "rules", "cluster")
-"""Run only when named (--suites asynchrony,rl,tf,rules,cluster): they take minutes of their
+EXTRA_SUITES = ("asynchrony", "rl", "tf", "rules", "cluster", "startup")
+"""Run only when named (--suites asynchrony,rl,tf,rules,cluster,startup): they take minutes of their
 own (cluster also needs the ray extra)."""
 SUITE_MODULES = {"tf": "tf_throughput"}
 """Suites whose module is not named after them."""

@@ -55,3 +55,19 @@ def test_tf_workers_are_always_spawned() -> None:
 def test_start_method_is_validated() -> None:
     with pytest.raises(ValueError, match="start_method must be one of auto, spawn, forkserver"):
         ps.TrainConfig(start_method="fork")
+
+
+@pytest.mark.slow
+def test_startup_suite_measures_both_methods_and_judges_the_target(tmp_path) -> None:
+    from paramserver.benchmarks import startup
+    from paramserver.benchmarks.common import BenchConfig, Report
+
+    cfg = BenchConfig(quick=True, suites="startup", out_dir=str(tmp_path))
+    report = Report(cfg.out_dir, cfg)
+    startup.run(cfg, report)
+    rows = report.rows["startup"]
+    assert {r["method"] for r in rows} == {"spawn", "forkserver cold", "forkserver warm"}
+    for r in rows:
+        assert 0 < r["first"] <= r["last"] < 120, r
+        assert r["updates"] == startup.STEPS, r
+    assert any("bit-identical" in n for n in report.notes["startup"]), report.notes

@@ -116,9 +116,9 @@ class Backend(ABC):
     """How its workers start: ``spawn`` or ``forkserver`` (see
     :func:`paramserver.supervise.worker_context`)."""
     preload: ClassVar[tuple[str, ...]] = ()
+    """Modules a forkserver imports once for all its workers."""
     forkserver_ok: ClassVar[bool] = False
     """Whether its workers may fork from a forkserver (TensorFlow's may not: it hangs after fork)."""
-    """Modules a forkserver imports once for all its workers."""
 
     # -- in the calling process -------------------------------------------------------
 
@@ -390,8 +390,9 @@ class TorchBackend(Backend):
     name = "torch"
     # Spawned by default; with start_method "forkserver" forked from a forkserver that has
     # imported torch, so its 1.5-2.5 s import is paid once per session instead of once per
-    # worker (benchmarks/startup.py). Not the default yet: the start-up fault tests
-    # (tests/faults/test_workers.py) have not been made to pass under it.
+    # worker (benchmarks/startup.py). Not the default: with it a SIGKILLed server left
+    # the forkserver and its workers running (measured; the workers' death signal is tied
+    # to the forkserver, which outlived the server).
     start_method = "spawn"
     forkserver_ok = True
     preload = ("torch",)

@@ -1,0 +1,105 @@
+"""Start-up: how long after ``ps.train`` is called its torch workers take their first step.
+
+    python -m paramserver.benchmarks --suites startup [--quick] --out-dir benchmarks/results/startup
+
+Two torch workers train the digits MLP for a few steps; the figure is the time from
+the ``ps.train`` call to the first step of the *last* worker to begin (both are
+training from then on), read from the workers' own ``started`` stamps. Each start
+method is measured in a fresh interpreter of its own (``torch`` imported first, as a
+user's script has it), run after run in that same interpreter:
+
+- ``spawn`` (the default): every run spawns two interpreters that each import torch;
+- ``forkserver`` (opt-in, ``start_method``): the first run in a process starts a forkserver that imports torch
+  once (its "cold" figure); every later run forks its workers from it ("warm": a
+  notebook's next cell, benchmark repeats, a test session).
+
+The trained parameters of a one-worker run are compared between the two methods:
+the same seed must give the same bytes. Target (the start-up issue): <= 0.8 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from .common import BenchConfig, Report, median
+
+SUITE = "startup"
+TARGET = 0.8
+"""Seconds from the ps.train call to both torch workers' first step."""
+STEPS = 20
+
+_CHILD = r"""
+import hashlib, json, sys, time
+import numpy as np
+import torch
+import paramserver as ps
+from paramserver.models.torch_models import MLP
+
+method, runs = sys.argv[1], int(sys.argv[2])
+data = ps.load_digits()
+out = []
+for i in range(runs):
+    cfg = ps.TrainConfig(workers=2, steps={steps}, start_method=method, progress=False, seed=i)
+    t = time.time()
+    r = ps.train(MLP(64, 10), data, cfg)
+    begun = [w["started"] for w in r.workers]
+    out.append({{"run": i, "first": min(begun) - t, "last": max(begun) - t,
+                 "server_startup": r.startup_seconds, "updates": r.updates}})
+torch.manual_seed(0)
+one = ps.train(MLP(64, 10), data, ps.TrainConfig(workers=1, steps={steps}, start_method=method,
+                                           progress=False, seed=0))
+digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for _, v in
+                                 sorted(one.params.items()))).hexdigest()
+print(json.dumps({{"runs": out, "one_worker_params": digest}}))
+"""
+
+
+def _measure(method: str, runs: int) -> dict[str, Any]:
+    """``runs`` consecutive runs in one fresh interpreter, and a one-worker digest."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(steps=STEPS), method, str(runs)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"},
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {method} start-up run failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(cfg: BenchConfig, report: Report) -> None:
+    runs = 3 if cfg.quick else max(cfg.repeats, 5)
+    found = {method: _measure(method, runs) for method in ("spawn", "forkserver")}
+    rows = []
+    for method, got in found.items():
+        for r in got["runs"]:
+            label = method
+            if method == "forkserver":
+                label = "forkserver cold" if r["run"] == 0 else "forkserver warm"
+            report.add(SUITE, {"method": label, **r})
+        cold, warm = got["runs"][0]["last"], [r["last"] for r in got["runs"][1:]]
+        if method == "spawn":
+            every = [r["last"] for r in got["runs"]]
+            rows.append(["spawn (every run)", median(every), min(every), max(every)])
+        else:
+            rows.append(["forkserver, first run in a process", cold, cold, cold])
+            rows.append(["forkserver, later runs", median(warm), min(warm), max(warm)])
+    for row in rows:
+        row.append("met" if row[1] <= TARGET else "MISSED")
+    same = found["spawn"]["one_worker_params"] == found["forkserver"]["one_worker_params"]
+    report.note(
+        SUITE,
+        f"2 torch workers, digits MLP, {STEPS} steps; seconds from the ps.train call to the last "
+        f"worker's first step; {runs} runs per method in one fresh interpreter each "
+        f"({len(os.sched_getaffinity(0))} cores); target {TARGET} s",
+    )
+    report.table(SUITE, ["start", "median s", "min s", "max s", "target"], rows)
+    report.note(
+        SUITE,
+        "one worker, same seed: "
+        + ("bit-identical parameters from spawn and forkserver" if same else "DIFFERENT parameters"),
+    )
+    if not same:
+        raise AssertionError("spawned and forkserver workers trained different parameters")
