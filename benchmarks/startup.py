@@ -9,9 +9,9 @@ method is measured in a fresh interpreter of its own (``torch`` imported first, 
 user's script has it), run after run in that same interpreter:
 
 - ``spawn`` (the default): every run spawns two interpreters that each import torch;
-- ``forkserver`` (opt-in, ``start_method``): the first run in a process starts a forkserver that imports torch
-  once (its "cold" figure); every later run forks its workers from it ("warm": a
-  notebook's next cell, benchmark repeats, a test session).
+- ``forkserver`` (opt-in, ``start_method``): the first run in a process starts a
+  forkserver that imports torch once (its "cold" figure); every later run forks its
+  workers from it ("warm": a notebook's next cell, benchmark repeats, a test session).
 
 The trained parameters of a one-worker run are compared between the two methods:
 the same seed must give the same bytes. Target (the start-up issue): <= 0.8 s.
@@ -69,25 +69,24 @@ def _measure(method: str, runs: int) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _label(method: str, run: int) -> str:
+    """spawn, or forkserver cold (the first run in its process) / warm (every later one)."""
+    if method == "spawn":
+        return method
+    return "forkserver cold" if run == 0 else "forkserver warm"
+
+
 def run(cfg: BenchConfig, report: Report) -> None:
     runs = 3 if cfg.quick else max(cfg.repeats, 5)
     found = {method: _measure(method, runs) for method in ("spawn", "forkserver")}
-    rows = []
     for method, got in found.items():
         for r in got["runs"]:
-            label = method
-            if method == "forkserver":
-                label = "forkserver cold" if r["run"] == 0 else "forkserver warm"
-            report.add(SUITE, {"method": label, **r})
-        cold, warm = got["runs"][0]["last"], [r["last"] for r in got["runs"][1:]]
-        if method == "spawn":
-            every = [r["last"] for r in got["runs"]]
-            rows.append(["spawn (every run)", median(every), min(every), max(every)])
-        else:
-            rows.append(["forkserver, first run in a process", cold, cold, cold])
-            rows.append(["forkserver, later runs", median(warm), min(warm), max(warm)])
-    for row in rows:
-        row.append("met" if row[1] <= TARGET else "MISSED")
+            report.add(SUITE, {"method": _label(method, r["run"]), **r})
+    rows = []
+    for label in ("spawn", "forkserver cold", "forkserver warm"):
+        last = [r["last"] for r in report.rows[SUITE] if r["method"] == label]
+        mid = median(last)
+        rows.append([label, mid, min(last), max(last), "met" if mid <= TARGET else "MISSED"])
     same = found["spawn"]["one_worker_params"] == found["forkserver"]["one_worker_params"]
     report.note(
         SUITE,

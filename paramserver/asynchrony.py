@@ -126,8 +126,8 @@ class StaleFirst:
     staleness in its own counter row) and goes ahead of every non-urgent worker
     and of less stale urgent ones; the others wait until no more urgent worker
     is ahead of them, looking at the urgent column after sleeps that grow from
-    ``POLL_MIN`` to ``POLL_MAX`` seconds (asleep, not spinning: a waiter wakes
-    at most ``1 / POLL_MAX`` times a second). A waiter gives up after
+    ``POLL_MIN`` to ``POLL_MAX`` seconds (asleep, not spinning: after its first
+    few looks a waiter wakes ``1 / POLL_MAX`` times a second). A waiter gives up after
     ``timeout`` seconds, so a worker that dies while urgent delays the others by
     at most that.
 
