@@ -32,11 +32,19 @@ def square_side(input_shape: tuple[int, ...], layout: str) -> int | None:
 
 
 def build_model(
-    backend: str, name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64, tokens: int = 0
+    backend: str,
+    name: str,
+    input_shape: tuple[int, ...],
+    classes: int,
+    hidden: int = 64,
+    tokens: int = 0,
+    task: str = "classify",
 ) -> Any:
     """The model ``name`` of ``backend`` for inputs of ``input_shape`` (for tf: a
     ``KerasModel``, the factory each worker builds the model with); ``tokens``: the id
-    range of integer inputs (largest id + 1), for the embedding models."""
+    range of integer inputs (largest id + 1), for the embedding models; ``task``: the
+    data's, for a model whose form depends on it (numpy ``mf``: a classifier or a
+    regression on ratings)."""
     if backend == "tf":
         from paramserver.api import KerasModel
         from paramserver.workers.tf_backend import import_tf
@@ -48,7 +56,9 @@ def build_model(
     if backend == "torch":
         from .torch_models import build
     elif backend == "numpy":
-        from .numpy_models import build  # type: ignore[assignment]
+        from .numpy_models import build as numpy_build
+
+        return numpy_build(name, input_shape, classes, hidden, tokens, task)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(MODELS)}")
     return build(name, input_shape, classes, hidden, tokens)

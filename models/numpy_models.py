@@ -1,5 +1,5 @@
-"""NumPy models with hand-written gradients: softmax and linear regression, an MLP, and
-logistic matrix factorization (row-sparse gradients).
+"""NumPy models with hand-written gradients: softmax and linear regression, an MLP,
+sparse logistic regression and matrix factorization (row-sparse gradients).
 
 A NumPy model holds no parameters itself: it is handed a dict of arrays (views
 of the shared flat vector) on every call, and writes its gradient into
@@ -183,44 +183,74 @@ class NumpyMLP(NumpyModel):
 
 @dataclass
 class MatrixFactorization(NumpyModel):
-    """Logistic matrix factorization on (user, item) pairs: the Hogwild! paper's
-    Netflix-style task as a classifier (the data sets here hold class labels, not
-    regression targets), e.g. label 1 for a rating of 4 or more.
+    """Matrix factorization on (user, item) pairs: the Hogwild! paper's Netflix-style task.
 
-    ``score = U[user] . V[item] + b``; the logits are ``(0, score)``, so the softmax
-    cross-entropy is the logistic loss. Input: int ``(batch, 2)``. ``U`` and ``V`` get
-    row gradients: a step touches the rows of its batch's users and items only."""
+    ``ratings=False``: a classifier, ``score = U[user] . V[item] + b`` with logits
+    ``(0, score)``, so the softmax cross-entropy is the logistic loss (e.g. label 1 for a
+    rating of 4 or more). ``ratings=True``: a regression on the rating itself (float
+    targets, mean squared error; the test loss is the MSE, its root the RMSE), the
+    biased model ``bu[user] + bi[item] + p[user] . q[item]``, one output; the biases
+    are the last column of each table (``U = [p, bu]``, ``V = [q, bi]``), so a step
+    pushes two tables' rows, not four. It has no global bias: a dense scalar that every
+    step moves by ``2 lr`` times the batch's mean error is at the edge of stability
+    once an update is one step stale (two workers at lr 0.5 diverged with it, even
+    under po1), while the row biases, each moved by the few samples of its row, learn
+    the mean as safely as the factors do.
+
+    Input: int ``(batch, 2)`` of (user id, item id). ``U`` and ``V`` get row gradients:
+    a step touches the rows of its batch's users and items only."""
 
     users: int
     items: int
     dim: int = 16
+    ratings: bool = False
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"U": (self.users, self.dim), "V": (self.items, self.dim), "b": (1,)}
+        width = self.dim + self.ratings
+        tables = {"U": (self.users, width), "V": (self.items, width)}
+        return tables if self.ratings else tables | {"b": (1,)}
 
     def sparse_tensors(self) -> tuple[str, ...]:
         return ("U", "V")
 
     def init(self, rng: np.random.Generator) -> Arrays:
-        scale = 1.0 / math.sqrt(self.dim)
-        return {
-            "U": (scale * rng.standard_normal((self.users, self.dim))).astype(np.float32),
-            "V": (scale * rng.standard_normal((self.items, self.dim))).astype(np.float32),
-            "b": np.zeros(1, np.float32),
-        }
+        # Ratings: small factors and zero biases, so that the biases fit the mean first
+        # (the usual start of SGD matrix factorization); the classifier starts at
+        # unit-variance scores.
+        scale = 0.1 if self.ratings else 1.0 / math.sqrt(self.dim)
+        out = {}
+        for name, rows in (("U", self.users), ("V", self.items)):
+            table = np.zeros((rows, self.dim + self.ratings), np.float32)
+            table[:, : self.dim] = scale * rng.standard_normal((rows, self.dim))
+            out[name] = table
+        return out if self.ratings else out | {"b": np.zeros(1, np.float32)}
 
     def forward(self, params: Arrays, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        if x.ndim != 2 or x.shape[1] != 2 or x.dtype.kind not in "iu":
+            raise ValueError(
+                f"MatrixFactorization takes int (user, item) pairs (batch, 2), got {x.dtype} {x.shape}"
+            )
         u, i = x[:, 0], x[:, 1]
         pu, qi = params["U"][u], params["V"][i]  # gathers: copies of the batch's rows only
+        d = self.dim
+        score = np.einsum("nd,nd->n", pu[:, :d], qi[:, :d])
+        if self.ratings:
+            score += pu[:, d] + qi[:, d]
+            return score[:, None], (u, i, pu, qi)
         logits = np.zeros((len(x), 2), np.float32)
-        logits[:, 1] = np.einsum("nd,nd->n", pu, qi) + params["b"][0]
+        logits[:, 1] = score + params["b"][0]
         return logits, (u, i, pu, qi)
 
     def backward(self, params: Arrays, cache: Any, dlogits: np.ndarray, grads: Arrays) -> RowGrads:
         u, i, pu, qi = cache
-        d = dlogits[:, 1:2]  # d loss / d score (logit 0 is the constant 0: no gradient)
-        grads["b"][0] = d.sum()
-        return {"U": (u, d * qi), "V": (i, d * pu)}
+        # d loss / d score: the one output, or logit 1 (logit 0 is the constant 0)
+        d = dlogits[:, -1:]
+        gu, gi = d * qi, d * pu  # d score / d p = q and back; the bias columns' derivative is 1
+        if self.ratings:
+            gu[:, -1:] = gi[:, -1:] = d
+        else:
+            grads["b"][0] = d.sum()
+        return {"U": (u, gu), "V": (i, gi)}
 
 
 @dataclass
@@ -259,18 +289,26 @@ class SparseLogisticRegression(NumpyModel):
 
 
 def build(
-    name: str, input_shape: tuple[int, ...], classes: int, hidden: int = 64, tokens: int = 0
+    name: str,
+    input_shape: tuple[int, ...],
+    classes: int,
+    hidden: int = 64,
+    tokens: int = 0,
+    task: str = "classify",
 ) -> NumpyModel:
     """``classes``: the outputs (classes, or the size of a target); ``tokens``: for ``mf``,
-    the largest user or item id + 1 (both tables get that many rows)."""
+    the largest user or item id + 1 (both tables get that many rows); ``task``: for
+    ``mf``, a classifier of 2 classes or a regression on one rating per pair."""
     features = math.prod(input_shape)
     if name == "mf":
-        if input_shape != (2,) or classes != 2 or tokens < 1:
+        outputs = 2 if task == "classify" else 1
+        if input_shape != (2,) or classes != outputs or tokens < 1 or task == "unsupervised":
             raise ValueError(
-                f"mf needs int (user, item) pairs, shape (samples, 2), and 2 classes; got inputs "
-                f"{input_shape} and {classes} classes"
+                "mf needs int (user, item) pairs, shape (samples, 2), and 2 classes or one float "
+                f"rating per pair; got inputs {input_shape} and {classes} "
+                f"{'classes' if task == 'classify' else 'targets'} ({task})"
             )
-        return MatrixFactorization(tokens, tokens, dim=hidden)
+        return MatrixFactorization(tokens, tokens, dim=hidden, ratings=task == "regress")
     if name == "softmax":
         return SoftmaxRegression(features, classes)
     if name == "linear":

@@ -118,7 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     ids = not csr and dataset.x_train.dtype.kind in "iu"  # token ids: the embedding models need their range
     tokens = int(max(dataset.x_train.max(), dataset.x_test.max())) + 1 if ids else 0
-    model = build_model(job.backend, job.model, dataset.input_shape, dataset.outputs, job.hidden, tokens)
+    model = build_model(
+        job.backend, job.model, dataset.input_shape, dataset.outputs, job.hidden, tokens, dataset.task
+    )
     if not job.cluster:  # a cluster's errors (no Ray, no cluster) stay one line
         print(
             f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "
