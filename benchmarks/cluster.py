@@ -79,22 +79,18 @@ def measure(contender: str, seed: int, *, seconds: float | None) -> dict[str, An
 
 def run(cfg: BenchConfig, report: Report) -> None:
     import numpy as np
-    import ray
 
     import paramserver as ps
-    from paramserver.cluster import init_local_ray
+    from paramserver.cluster import local_ray
     from paramserver.models.numpy_models import NumpyMLP
 
     contenders = ["1x2"] + [f"2x1/{k}" for k in PERIODS]
     seconds = 2.0 * cfg.run_seconds
-    init_local_ray(num_cpus=2)  # one instance for the suite: its start is not a contender's cost
-    try:
+    with local_ray(num_cpus=2):  # one instance for the suite: its start is not a contender's cost
         for rep in range(cfg.n_repeats):
             for contender in contenders:  # interleaved, so drifts of the machine hit every contender
                 report.add("cluster", measure(contender, cfg.seed + rep, seconds=seconds))
                 report.add("cluster", measure(contender, cfg.seed + rep, seconds=None))
-    finally:
-        ray.shutdown()
     rows = report.rows["cluster"]
 
     def med(contender: str, kind: str, key: str) -> float:

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -384,14 +385,32 @@ def _split(data: Dataset, nodes: int) -> list[Dataset]:
     return out
 
 
-def init_local_ray(num_cpus: int) -> None:
-    """Start a Ray instance on this machine for simulated nodes (the caller calls
-    ``ray.shutdown()``): what ``cluster="local"`` does when Ray is not running yet."""
+@contextlib.contextmanager
+def local_ray(num_cpus: int) -> Iterator[None]:
+    """A Ray instance on this machine for simulated nodes, shut down on exit: what
+    ``cluster="local"`` does when Ray is not running yet.
+
+    Its session files (logs, sockets) go to a directory of its own, removed on exit:
+    Ray's default, ``<tmp>/ray/session_*``, keeps every session's files for good. Ray's
+    sockets live about 65 characters below that directory, within the 107 of a socket
+    path: under a longer ``TMPDIR`` than that leaves room for, it goes to ``/tmp``."""
     ray = _import_ray()
+    base = tempfile.gettempdir()
+    if len(base) > 24 and os.path.isdir("/tmp"):
+        base = "/tmp"
+    root = tempfile.mkdtemp(prefix="paramserver-ray-", dir=base)
     # Ray workers must import the caller's modules (a model class defined next to the
     # script): on this machine, give them the driver's import path.
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, configure_logging=False)
+    try:
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, runtime_env=env, configure_logging=False,
+            _temp_dir=root,
+        )  # fmt: skip
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _auto_address() -> tuple[str, int] | None:
@@ -409,13 +428,13 @@ def _auto_address() -> tuple[str, int] | None:
     return _address(text)
 
 
-def _connect(ray: Any, cc: ClusterConfig, config: TrainConfig) -> bool:
-    """Start or join Ray; True if this call started it (and so must shut it down)."""
+def _connect(ray: Any, cc: ClusterConfig, config: TrainConfig, stack: contextlib.ExitStack) -> None:
+    """Start or join Ray, leaving on ``stack`` its shutdown if this call started it."""
     if ray.is_initialized():
-        return False
+        return
     if cc.cluster == "local":
-        init_local_ray(cc.nodes * config.workers)
-        return True
+        stack.enter_context(local_ray(cc.nodes * config.workers))
+        return
     address = _address(cc.cluster) if cc.cluster != "auto" else _auto_address()
     if address is not None:
         try:  # Ray waits long for an address that does not answer: fail fast instead
@@ -431,7 +450,7 @@ def _connect(ray: Any, cc: ClusterConfig, config: TrainConfig) -> bool:
         raise ValueError(
             f"no Ray cluster at {cc.cluster!r} ({e}); start one with `ray start --head`, or --cluster local"
         ) from None
-    return True
+    stack.callback(ray.shutdown)
 
 
 def train_cluster(
@@ -477,7 +496,8 @@ def train_cluster(
         )
     bounds = [shard(layout.flat_size, i, k) for i in range(k)]
     started = time.time()
-    owns_ray = _connect(ray, cluster, config)
+    stack = contextlib.ExitStack()
+    _connect(ray, cluster, config, stack)
     actors: list[Any] = []
     group = None
     try:
@@ -497,8 +517,7 @@ def train_cluster(
                 ray.kill(a, no_restart=True)
         if group is not None:
             ray.util.remove_placement_group(group)
-        if owns_ray:
-            ray.shutdown()
+        stack.close()  # Ray's shutdown, if this call started it
         # An agent that was killed leaves its segments; its pid is dead once Ray is gone.
         sweep_stale()
     _into_model(model, spec, layout, dataset, result)

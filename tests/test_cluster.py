@@ -7,6 +7,7 @@ test stops what it started, and the module's fixture shuts Ray down.
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -26,13 +27,10 @@ TIMEOUT = 120
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray instance with room for three simulated nodes of one worker."""
-    from paramserver.cluster import init_local_ray
+    from paramserver.cluster import local_ray
 
-    init_local_ray(num_cpus=3)
-    try:
+    with local_ray(num_cpus=3):
         yield
-    finally:
-        ray.shutdown()
 
 
 def config(**kw) -> ps.TrainConfig:
@@ -229,17 +227,43 @@ def test_a_killed_shard_is_reseeded_and_the_run_completes(local_ray, digits):
     assert result.test_accuracy >= 0.90, result.summary()
 
 
+def cluster_cli(tmp: str, *args: str) -> subprocess.Popen:
+    """``paramserver train`` on 2 local nodes, its temporary files under ``tmp``."""
+    cmd = [sys.executable, "-m", "paramserver", "train", "--cluster", "local", "--nodes", "2",
+           "--workers", "1", "--backend", "numpy", "--out-dir", "", *args]  # fmt: skip
+    env = {**os.environ, "TMPDIR": tmp}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture
+def short_tmp():
+    """A fresh, short TMPDIR (Ray's socket paths below it must fit in 107 bytes)."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="pst", dir="/tmp")
+    try:
+        yield pathlib.Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_local_cluster_leaves_no_ray_session_files(short_tmp):
+    proc = cluster_cli(str(short_tmp), "--epochs", "1")
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    assert "stopped by epochs" in out, err
+    assert list(short_tmp.iterdir()) == []  # Ray's logs and sockets went with its instance
+
+
 @pytest.mark.slow
-def test_sigterm_stops_every_node_and_leaves_nothing(tmp_path):
+def test_sigterm_stops_every_node_and_leaves_nothing(short_tmp):
     import time
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "paramserver.cluster", "--cluster", "local", "--nodes", "2", "--workers", "1",
-         "--backend", "numpy", "--epochs", "100000", "--out-dir", ""],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = cluster_cli(str(short_tmp), "--epochs", "100000")
     time.sleep(12)  # Ray's start, then some training
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, err
     assert "stopped by terminated" in out, err
+    assert list(short_tmp.iterdir()) == []
