@@ -93,7 +93,7 @@ def test_by_value_unpickles_to_the_object_itself() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_notebook_trains_torch_loss_and_keras_defined_in_cells() -> None:
+def test_notebook_trains_torch_loss_and_keras_defined_in_cells(tmp_path) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     path = os.path.join(HERE, "notebooks", "interactive.ipynb")
@@ -101,7 +101,9 @@ def test_notebook_trains_torch_loss_and_keras_defined_in_cells() -> None:
     # The kernel is this interpreter's (installed by .ci/setup into the venv); the
     # notebook runs from a scratch directory so that its runs/ land nowhere.
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", startup_timeout=120)
-    client.execute(cwd=HERE)
+    # The kernel's TMPDIR is the test's: TensorFlow's autograph leaves its generated
+    # sources (__autograph_generated_file*.py) in the kernel's temporary directory.
+    client.execute(cwd=HERE, env={**os.environ, "TMPDIR": str(tmp_path)})
     outputs = "".join(
         o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
     )
