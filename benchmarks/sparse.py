@@ -26,8 +26,10 @@ held-out triples, which must stay within 1% of one worker's.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -136,38 +138,15 @@ def run(cfg: BenchConfig, report: Report) -> None:
                 f"{epochs} epochs, batches of {batch}, through ps.train; made in {made:.1f} s")  # fmt: skip
     zeros = {"W": np.zeros((FEATURES, 2), np.float32), "b": np.zeros(2, np.float32)}
     report.note("sparse", f"initial loss {log_loss(zeros, data):.4f}")
-    for rep in range(cfg.n_repeats):  # interleaved: every contender once per repeat
-        fig = plain(data, epochs, batch, cfg.seed)
-        report.add("sparse", {"contender": "plain process", "workers": 1, "repeat": rep, **fig,
-                              "samples_per_s": samples * epochs / fig["seconds"]})  # fmt: skip
-        for n, policy in [(1, "po3")] + [(n, p) for n in counts for p in ("po3", "striped")]:
-            fig = measure(data, n, policy, epochs, batch, cfg.seed)
-            report.add("sparse", {"contender": f"paramserver {policy}", "workers": n, "repeat": rep, **fig,
-                                  "samples_per_s": samples * epochs / fig["seconds"]})  # fmt: skip
-    rows = report.rows["sparse"]
-
-    def med(name: str, n: int, key: str) -> float:
-        return median([r[key] for r in rows if r["contender"] == name and r["workers"] == n])
-
-    one, one_loss = med("paramserver po3", 1, "seconds"), med("paramserver po3", 1, "loss")
-    plain_s = med("plain process", 1, "seconds")
-    table = [[1, "plain process", plain_s, one / plain_s, med("plain process", 1, "loss")],
-             [1, "paramserver po3", one, 1.0, one_loss]]  # fmt: skip
-    for n in counts:
-        for name in ("paramserver po3", "paramserver striped"):
-            table.append(
-                [n, name, med(name, n, "seconds"), one / med(name, n, "seconds"), med(name, n, "loss")]
-            )
-    report.table("sparse", ["workers", "contender", "seconds", "speedup over 1 worker", "final loss"], table)
-    for n in counts:
-        speedup = one / med("paramserver po3", n, "seconds")
-        loss_gap = med("paramserver po3", n, "loss") / one_loss - 1
-        verdict = "met" if speedup >= TARGET_SPEEDUP * n / 2 and abs(loss_gap) <= 0.01 else "MISSED"
-        report.note("sparse", f"target ({n} workers >= {TARGET_SPEEDUP * n / 2:.2f}x one worker, loss "
-                    f"within 1%): {verdict} ({speedup:.2f}x, loss {loss_gap:+.2%})")  # fmt: skip
+    med = _contest(
+        report, "sparse", cfg.n_repeats, counts, samples * epochs,
+        lambda: plain(data, epochs, batch, cfg.seed),
+        lambda n, policy: measure(data, n, policy, epochs, batch, cfg.seed),
+    )  # fmt: skip
+    _judge(report, "sparse", counts, med, "loss", "final loss", TARGET_SPEEDUP)
     cores = len(os.sched_getaffinity(0))
     report.note("sparse", f"{cores} usable cores: speedups beyond {cores} workers are not possible here")
-    _plot(report, counts, med, one)
+    _plot(report, counts, med, med("paramserver po3", 1, "seconds"))
     run_mf(cfg, report, counts)
 
 
@@ -236,34 +215,69 @@ def run_mf(cfg: BenchConfig, report: Report, counts: list[int]) -> None:
     report.note("mf", f"data: {cut} training and {n - cut} test ratings of {users} users x {items} "
                 f"items (rank-{MF_RANK} teacher, noise {MF_NOISE}: the best test RMSE), {epochs} "
                 f"epochs, batches of {BATCH}, SGD lr {MF_LR}, {MF_DIM} factors; ps.train")  # fmt: skip
-    for rep in range(cfg.n_repeats):  # interleaved: every contender once per repeat
-        fig = plain_mf(model, split, epochs, cfg.seed)
-        report.add("mf", {"contender": "plain process", "workers": 1, "repeat": rep, **fig,
-                          "samples_per_s": cut * epochs / fig["seconds"]})  # fmt: skip
-        for k, policy in [(1, "po3")] + [(k, p) for k in counts for p in ("po3", "striped")]:
-            fig = measure_mf(model, split, k, policy, epochs, cfg.seed)
-            report.add("mf", {"contender": f"paramserver {policy}", "workers": k, "repeat": rep, **fig,
-                              "samples_per_s": cut * epochs / fig["seconds"]})  # fmt: skip
-    rows = report.rows["mf"]
+    med = _contest(
+        report, "mf", cfg.n_repeats, counts, cut * epochs,
+        lambda: plain_mf(model, split, epochs, cfg.seed),
+        lambda k, policy: measure_mf(model, split, k, policy, epochs, cfg.seed),
+    )  # fmt: skip
+    _judge(report, "mf", counts, med, "rmse", "test RMSE", MF_TARGET_SPEEDUP)
 
-    def med(name: str, k: int, key: str) -> float:
-        return median([row[key] for row in rows if row["contender"] == name and row["workers"] == k])
 
-    one, one_rmse = med("paramserver po3", 1, "seconds"), med("paramserver po3", 1, "rmse")
+def _contest(
+    report: Report,
+    suite: str,
+    repeats: int,
+    counts: list[int],
+    samples: int,
+    plain_fn: Callable[[], dict[str, float]],
+    measure_fn: Callable[[int, str], dict[str, float]],
+) -> Callable[[str, int, str], float]:
+    """The plain process, one po3 worker and every count under po3 and striped, interleaved
+    (every contender once per repeat); returns ``med(contender, workers, key)``, the
+    median over the repeats."""  # fmt: skip
+    for rep in range(repeats):
+        runs = [("plain process", 1, plain_fn)] + [
+            (f"paramserver {policy}", n, functools.partial(measure_fn, n, policy))
+            for n, policy in [(1, "po3")] + [(n, p) for n in counts for p in ("po3", "striped")]
+        ]
+        for contender, n, fn in runs:
+            fig = fn()
+            report.add(suite, {"contender": contender, "workers": n, "repeat": rep, **fig,
+                               "samples_per_s": samples / fig["seconds"]})  # fmt: skip
+    rows = report.rows[suite]
+
+    def med(name: str, n: int, key: str) -> float:
+        return median([r[key] for r in rows if r["contender"] == name and r["workers"] == n])
+
+    return med
+
+
+def _judge(
+    report: Report,
+    suite: str,
+    counts: list[int],
+    med: Callable[[str, int, str], float],
+    key: str,
+    label: str,
+    target: float,
+) -> None:
+    """The table of seconds, speedup over one worker and ``key``, and the
+    verdict on ``target`` (2 workers, scaled linearly) with ``key`` within 1% of one worker's."""  # fmt: skip
+    one, one_q = med("paramserver po3", 1, "seconds"), med("paramserver po3", 1, key)
     plain_s = med("plain process", 1, "seconds")
-    table = [[1, "plain process", plain_s, one / plain_s, med("plain process", 1, "rmse")],
-             [1, "paramserver po3", one, 1.0, one_rmse]]  # fmt: skip
-    for k in counts:
+    table = [[1, "plain process", plain_s, one / plain_s, med("plain process", 1, key)],
+             [1, "paramserver po3", one, 1.0, one_q]]  # fmt: skip
+    for n in counts:
         for name in ("paramserver po3", "paramserver striped"):
-            seconds = med(name, k, "seconds")
-            table.append([k, name, seconds, one / seconds, med(name, k, "rmse")])
-    report.table("mf", ["workers", "contender", "seconds", "speedup over 1 worker", "test RMSE"], table)
-    for k in counts:
-        speedup = one / med("paramserver po3", k, "seconds")
-        gap = med("paramserver po3", k, "rmse") / one_rmse - 1
-        verdict = "met" if speedup >= MF_TARGET_SPEEDUP * k / 2 and gap <= 0.01 else "MISSED"
-        report.note("mf", f"target ({k} workers >= {MF_TARGET_SPEEDUP * k / 2:.2f}x one worker, test "
-                    f"RMSE within 1%): {verdict} ({speedup:.2f}x, RMSE {gap:+.2%})")  # fmt: skip
+            seconds = med(name, n, "seconds")
+            table.append([n, name, seconds, one / seconds, med(name, n, key)])
+    report.table(suite, ["workers", "contender", "seconds", "speedup over 1 worker", label], table)
+    for n in counts:
+        speedup = one / med("paramserver po3", n, "seconds")
+        gap = med("paramserver po3", n, key) / one_q - 1
+        verdict = "met" if speedup >= target * n / 2 and abs(gap) <= 0.01 else "MISSED"
+        report.note(suite, f"target ({n} workers >= {target * n / 2:.2f}x one worker, {label} "
+                    f"within 1%): {verdict} ({speedup:.2f}x, {label} {gap:+.2%})")  # fmt: skip
 
 
 def _plot(report: Report, counts: list[int], med: Any, base: float) -> None:
