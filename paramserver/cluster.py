@@ -392,13 +392,15 @@ def local_ray(num_cpus: int) -> Iterator[None]:
 
     Its session files (logs, sockets) go to a directory of its own, removed on exit:
     Ray's default, ``<tmp>/ray/session_*``, keeps every session's files for good. Ray's
-    sockets live about 65 characters below that directory, within the 107 of a socket
+    sockets live about 64 characters below that directory, within the 107 of a socket
     path: under a longer ``TMPDIR`` than that leaves room for, it goes to ``/tmp``."""
     ray = _import_ray()
-    base = tempfile.gettempdir()
-    if len(base) > 24 and os.path.isdir("/tmp"):
+    base, prefix = tempfile.gettempdir(), "paramserver-ray-"
+    # <base>/<prefix + 8 random>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
+    longest = len(base) + 1 + len(prefix) + 8 + len("/session_2026-12-03_11-57-42_843402_4194304") + 21
+    if longest > 107 and os.path.isdir("/tmp"):
         base = "/tmp"
-    root = tempfile.mkdtemp(prefix="paramserver-ray-", dir=base)
+    root = tempfile.mkdtemp(prefix=prefix, dir=base)
     # Ray workers must import the caller's modules (a model class defined next to the
     # script): on this machine, give them the driver's import path.
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
