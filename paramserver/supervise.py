@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import multiprocessing.forkserver as forkserver
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .portable import main_without_file
-from .store import STATUS
+from .store import STATUS, make_private_dir
 
 JOIN_TIMEOUT = 10.0
 """Seconds the workers get to stop on their own before they are killed."""
@@ -114,11 +115,37 @@ def worker_context(backend: str, start_method: str = "auto") -> tuple[Any, int]:
         return mp.get_context("spawn"), os.getpid()
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([*cls.preload, *WORKER_PRELOAD])
+    _own_multiprocessing_temp_dir()
     # The forkserver reads its environment once, when it starts: one thread for every
     # pool, so that nothing it imports starts threads a forked worker would lack.
     with thread_env(1):
         forkserver.ensure_running()
     return ctx, _forkserver_pid()
+
+
+def _own_multiprocessing_temp_dir() -> None:
+    """Have multiprocessing keep its files (the forkserver's socket) in a private
+    directory of this process, ``<tmp>/paramserver-<pid>-<random>``, instead of its own
+    ``<tmp>/pymp-<random>``: both are removed when this process exits, but only ours is
+    swept (:func:`paramserver.store.sweep_stale`, ``paramserver clean``) after a SIGKILL.
+    Nothing changes if multiprocessing made its directory already.
+
+    multiprocessing has no public setter: ``get_temp_dir`` reads the current process's
+    ``_config["tempdir"]`` (checked with CPython 3.11-3.13)."""
+    config = mp.current_process()._config  # type: ignore[attr-defined]
+    if config.get("tempdir") is None:
+        path, lock_fd = make_private_dir()
+        config["tempdir"] = path
+        # multiprocessing's own directory goes in the same finalizer pass, at exit.
+        mp.util.Finalize(None, _remove_dir, args=(path, lock_fd), exitpriority=-100)
+
+
+def _remove_dir(path: str, lock_fd: int) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.close(lock_fd)
 
 
 def _forkserver_pid() -> int:

@@ -390,9 +390,8 @@ class TorchBackend(Backend):
     name = "torch"
     # Spawned by default; with start_method "forkserver" forked from a forkserver that has
     # imported torch, so its 1.5-2.5 s import is paid once per session instead of once per
-    # worker (benchmarks/startup.py). Not the default: with it a SIGKILLed server left
-    # the forkserver and its workers running (measured; the workers' death signal is tied
-    # to the forkserver, which outlived the server).
+    # worker (benchmarks/startup.py). The workers die with the forkserver, which exits
+    # with the server (see die_with_parent).
     start_method = "spawn"
     forkserver_ok = True
     preload = ("torch",)

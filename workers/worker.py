@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing.forkserver as forkserver
 import os
 import signal
 import threading
@@ -157,7 +158,19 @@ def die_with_parent(parent_pid: int) -> None:
 
     A worker blocked on a lock or a barrier cannot poll for its parent; without
     this, a server killed with SIGKILL would leave its workers running.
+
+    A worker forked by a forkserver has the forkserver for parent, which exits when
+    the end of its "alive" pipe held by its clients closes. multiprocessing hands that
+    end to every child it forks, so a worker holding it kept the forkserver alive, and
+    so itself, after a SIGKILL of the server: both trained on as orphans. The worker
+    starts no processes, so it lets go of its copy and only the server keeps the
+    forkserver, and through it the worker, alive.
     """
+    fork_server = forkserver._forkserver
+    if fork_server._forkserver_alive_fd is not None:  # forked by a forkserver
+        with contextlib.suppress(OSError):
+            os.close(fork_server._forkserver_alive_fd)
+        fork_server._forkserver_alive_fd = None
     with contextlib.suppress(OSError, AttributeError):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)

@@ -64,6 +64,34 @@ def test_workers_exit_on_their_own_when_the_server_is_killed(tmp_path):
     assert not tmp_dirs_of(proc.pid)
 
 
+def test_forkserver_workers_exit_when_the_server_is_killed(tmp_path):
+    # Workers forked by a forkserver are its children, not the server's: they die with
+    # the forkserver, which must therefore exit with the server.
+    pymp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*")))
+    proc = start_training(
+        tmp_path / "runs", "--backend", "torch", "--model", "mlp", "--start-method", "forkserver"
+    )
+    tree = [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]  # fmt: skip
+    assert any("forkserver" in " ".join(p.cmdline()) for p in tree), tree
+    assert len(tree) == 3, f"expected the forkserver and 2 workers: {tree}"
+    proc.kill()
+    proc.wait(10)
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:
+        p.kill()
+    finish(proc)  # after the orphans: they hold its output pipes open
+    assert not alive, f"still running after the server's SIGKILL: {alive}"
+    out = subprocess.run(
+        [sys.executable, "-m", "paramserver", "clean"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
+    assert not tmp_dirs_of(proc.pid)
+    # the forkserver's socket lives in the server's private directory, swept above
+    assert not set(glob.glob(os.path.join(tempfile.gettempdir(), "pymp-*"))) - pymp_before
+
+
 def test_the_next_start_sweeps_what_a_killed_run_left(tmp_path):
     # Kill the whole process group (server, workers, resource tracker), as an OOM kill
     # of a container would: nothing of the run gets to clean up.
