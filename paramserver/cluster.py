@@ -61,7 +61,7 @@ from .config import cluster_address as _address
 from .data import Dataset, shard, take
 from .layout import Layout
 from .server import ParameterServer, TrainResult
-from .store import sweep_stale
+from .store import TMP_PREFIX, make_private_dir, sweep_stale
 from .supervise import run_span
 
 RAY_MISSING = "the cluster needs Ray: pip install 'paramserver[ray]'"
@@ -395,12 +395,15 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     sockets live about 64 characters below that directory, within the 107 of a socket
     path: under a longer ``TMPDIR`` than that leaves room for, it goes to ``/tmp``."""
     ray = _import_ray()
-    base, prefix = tempfile.gettempdir(), "paramserver-ray-"
+    base, prefix = tempfile.gettempdir(), f"{TMP_PREFIX}{os.getpid()}-"
     # <base>/<prefix + 8 random>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
     longest = len(base) + 1 + len(prefix) + 8 + len("/session_2026-12-03_11-57-42_843402_4194304") + 21
     if longest > 107 and os.path.isdir("/tmp"):
         base = "/tmp"
-    root = tempfile.mkdtemp(prefix=prefix, dir=base)
+    # A private directory like a server's: if this process is SIGKILLed, `paramserver
+    # clean` (and the sweep at every start) removes it and stops Ray's agents, which
+    # outlive a killed driver.
+    root, lock_fd = make_private_dir(base)
     # Ray workers must import the caller's modules (a model class defined next to the
     # script): on this machine, give them the driver's import path.
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
@@ -413,6 +416,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+        os.close(lock_fd)
 
 
 def _auto_address() -> tuple[str, int] | None:

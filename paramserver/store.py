@@ -849,22 +849,70 @@ LOCK_FILE = "lock"
 """A server holds a lock on this file in its private directory while it runs."""
 
 
-def make_private_dir() -> tuple[str, int]:
-    """A server's private directory ``<tmp>/paramserver-<pid>-<random>`` and an open,
+def make_private_dir(parent: str | None = None) -> tuple[str, int]:
+    """A private directory ``<parent or tmp>/paramserver-<pid>-<random>`` and an open,
     locked descriptor of its lock file (closing it marks the directory stale)."""
-    path = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+    path = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent)
     fd = os.open(os.path.join(path, LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return path, fd
 
 
-def sweep_stale() -> list[str]:
-    """Unlink this project's segments and semaphores (and private temporary directories)
-    whose creator is dead; return their names.
+def _sweep_private_dirs(tmp: str) -> list[str]:
+    """Remove this user's private directories in ``tmp`` whose creator is dead, first
+    killing the processes that still hold files open there: what a SIGKILLed driver of a
+    local Ray instance leaves (Ray's agents outlive their parent, keeping their logs
+    there open)."""
+    removed = []
+    try:
+        entries = os.listdir(tmp)
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.startswith(TMP_PREFIX):
+            continue
+        path = os.path.join(tmp, entry)
+        pid = _pid_in(entry, TMP_PREFIX, "-")
+        if pid is None or _creator_alive(pid, os.path.join(path, LOCK_FILE)):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue  # another user's
+            if _kill_holders(path):
+                time.sleep(0.2)  # what they were writing as they died is on disk now
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
-    Dead means: no process holds the lock its creator took, and its pid is not
-    alive here (a reused pid errs on the side of keeping it).
-    """
+
+def _kill_holders(path: str) -> bool:
+    """SIGKILL this user's processes with a file (or their working directory) under
+    ``path``, and wait a little for them to go; say whether there were any."""
+    import psutil
+
+    inside = path.rstrip("/") + "/"
+    holders = []
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if proc.pid == os.getpid() or proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
+                continue
+            fd_dir = f"/proc/{proc.pid}/fd"
+            links = [os.readlink(f"/proc/{proc.pid}/cwd")]
+            links += [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+        except (OSError, psutil.Error):
+            continue  # gone, or not ours to look at
+        if any(link.startswith(inside) for link in links):
+            holders.append(proc)
+    for proc in holders:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(holders, timeout=5)
+    return bool(holders)
+
+
+def _sweep_segments() -> list[str]:
     removed = []
     for name, _pid, alive in list_segments():
         if alive:
@@ -876,23 +924,26 @@ def sweep_stale() -> list[str]:
             pass  # another process swept it first
         except PermissionError:
             pass  # another user's: /dev/shm is sticky, and theirs to remove
-    tmp = tempfile.gettempdir()
-    try:
-        entries = os.listdir(tmp)
-    except OSError:
-        entries = []
-    for entry in entries:
-        if not entry.startswith(TMP_PREFIX):
-            continue
-        path = os.path.join(tmp, entry)
-        pid = _pid_in(entry, TMP_PREFIX, "-")
-        if pid is None or _creator_alive(pid, os.path.join(path, LOCK_FILE)):
-            continue
-        try:
-            if os.stat(path).st_uid != os.getuid():
-                continue  # another user's
-            shutil.rmtree(path)
-            removed.append(path)
-        except OSError:
-            pass
+    return removed
+
+
+def sweep_stale() -> list[str]:
+    """Unlink this project's segments and semaphores (and private temporary directories)
+    whose creator is dead; return their names.
+
+    Dead means: no process holds the lock its creator took, and its pid is not
+    alive here (a reused pid errs on the side of keeping it).
+    """
+    removed: list[str] = []
+    # The processes killed for holding files in a stale directory (a dead local Ray
+    # instance's agents and node servers) may have left segments and directories of
+    # their own: a further pass removes those.
+    for _ in range(3):
+        removed += _sweep_segments()
+        # A local Ray instance's directory is in /tmp when TMPDIR is too long for its sockets.
+        tmps = dict.fromkeys([tempfile.gettempdir(), "/tmp"])
+        swept = [path for tmp in tmps for path in _sweep_private_dirs(tmp)]
+        removed += swept
+        if not swept:
+            break
     return removed

@@ -256,6 +256,53 @@ def test_a_local_cluster_leaves_no_ray_session_files(short_tmp):
     assert list(short_tmp.iterdir()) == []  # Ray's logs and sockets went with its instance
 
 
+def _holding(path: pathlib.Path) -> list:
+    """This user's processes with a file open (or their working directory) under path."""
+    import psutil
+
+    inside, out = f"{path}/", []
+    for proc in psutil.process_iter():
+        try:
+            links = [os.readlink(f"/proc/{proc.pid}/cwd")]
+            links += [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+        except OSError:
+            continue
+        if any(link.startswith(inside) for link in links):
+            out.append(proc)
+    return out
+
+
+def test_a_sigkilled_driver_leaves_nothing_after_clean(short_tmp):
+    """Ray's agents outlive a driver killed with SIGKILL (they keep their logs open in
+    the instance's directory): `paramserver clean` stops them and removes the directory,
+    with the nodes' segments and directories."""
+    import time
+
+    import psutil
+
+    proc = cluster_cli(str(short_tmp), "--epochs", "100000")
+    try:
+        deadline = time.monotonic() + 60  # both node servers have made their directories
+        while len(list(short_tmp.glob("paramserver-*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list(short_tmp.glob("paramserver-*"))) >= 3, proc.stderr.read() if proc.poll() else ""
+        time.sleep(1)
+        proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+        time.sleep(1)  # Ray's own processes that do go with the driver, gone
+        env = {**os.environ, "TMPDIR": str(short_tmp)}
+        clean = subprocess.run([sys.executable, "-m", "paramserver", "clean"], env=env,
+                               capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+        assert clean.returncode == 0, clean.stderr
+        assert _holding(short_tmp) == []
+        assert list(short_tmp.iterdir()) == []
+    finally:
+        left = _holding(short_tmp)
+        for p in left:
+            p.kill()
+        psutil.wait_procs(left, timeout=10)
+
+
 @pytest.mark.slow
 def test_sigterm_stops_every_node_and_leaves_nothing(short_tmp):
     import time
