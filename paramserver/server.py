@@ -180,7 +180,8 @@ class Server(Supervisor):
             # Equal counts can still differ (names, shapes, dtypes): say where.
             differ = next(
                 (
-                    f"tensor {a.name!r} is {a.shape} {a.dtype} there, {b.name!r} {b.shape} {b.dtype} here"
+                    f"tensor {a.name!r} is {a.shape} {np.dtype(a.dtype).name} there, "
+                    f"{b.name!r} {b.shape} {np.dtype(b.dtype).name} here"
                     for a, b in zip(ckpt.layout, layout, strict=False)
                     if (a.name, a.shape, a.dtype) != (b.name, b.shape, b.dtype)
                 ),

@@ -76,6 +76,15 @@ class SegmentError(ValueError):
     """A segment that is not there, not ours, or not what the caller expects."""
 
 
+def _why(e: BaseException) -> str:
+    """The reason in an exception raised while reading a header, for one line."""
+    if isinstance(e, KeyError):
+        return f"no {e.args[0]!r}"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e)[:120] or type(e).__name__
+
+
 def _new_name() -> str:
     # The random part makes names unguessable; the pid lets `clean` find dead creators.
     return f"{PREFIX}{os.getpid()}_{secrets.token_hex(8)}"
@@ -210,8 +219,13 @@ class Segment:
             )
         if body + body_nbytes > shm.size or _HEADER.size + jlen > body:
             raise SegmentError(f"segment {shm.name!r} has an inconsistent header")
-        doc = json.loads(bytes(shm.buf[_HEADER.size : _HEADER.size + jlen]))
-        layout = Layout.from_dict(doc["layout"])
+        try:  # a crafted or damaged header: one line naming the segment, never a traceback
+            doc = json.loads(bytes(shm.buf[_HEADER.size : _HEADER.size + jlen]).decode("utf-8"))
+            layout = Layout.from_dict(doc["layout"])
+            if not isinstance(doc["meta"], dict):
+                raise TypeError(f"meta is a {type(doc['meta']).__name__}, not an object")
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError, RecursionError) as e:
+            raise SegmentError(f"segment {shm.name!r} has a damaged header ({_why(e)})") from None
         if layout.fingerprint.encode() != fingerprint or layout.nbytes != body_nbytes:
             raise SegmentError(f"segment {shm.name!r}: layout does not match its fingerprint")
         return layout, doc["meta"]
@@ -649,7 +663,34 @@ class ShmStore(Segment, Store):
     def attach(cls, name: str, *, kind: str | None = "params") -> ShmStore:  # type: ignore[override]
         store = super().attach(name, kind=kind)
         assert isinstance(store, ShmStore)
+        if store.meta.get("kind") == "params":
+            try:
+                store._check_params_header()
+            except BaseException:
+                store.close()
+                raise
         return store
+
+    def _check_params_header(self) -> None:
+        """What a params segment's header must say for workers and `inspect` to read it."""
+        try:
+            model = Layout.from_dict(self.meta["model_layout"])
+            if model.fingerprint != self.meta["model_fingerprint"]:
+                raise ValueError("the model layout does not match its fingerprint")
+            shapes = {f.name: f.shape for f in self.layout.fields}
+            slots = shapes["state"][0] if len(shapes["state"]) == 2 else -1
+            workers = shapes["counters"][0] if len(shapes["counters"]) == 2 else -1
+            expected = {
+                "params": (model.flat_size,),
+                "state": (slots, model.flat_size),
+                "counters": (workers, len(COUNTER_FIELDS)),
+                "control": (len(CONTROL_FIELDS),),
+            }
+            for array, shape in expected.items():
+                if shapes[array] != shape or min(shape) < 0:
+                    raise ValueError(f"array {array!r} is {shapes[array]}, expected {shape}")
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError) as e:
+            raise SegmentError(f"segment {self.name!r} has a damaged params header ({_why(e)})") from None
 
     @classmethod
     def _attach_with(cls, name: str, policy: Policy | None) -> ShmStore:

@@ -220,6 +220,35 @@ def test_resume_errors_name_the_problem(digits, tmp_path):
         ps.train(NumpyMLP(64, 10, 16), digits, config(steps=5, resume=first.checkpoint))
 
 
+class TransposedMLP(NumpyMLP):
+    """NumpyMLP's counts with its first weight's shape turned round: a checkpoint of one
+    must not resume into the other."""
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = super().shapes()
+        out["W0"] = out["W0"][::-1]
+        return out
+
+    def init(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = super().init(rng)
+        out["W0"] = np.ascontiguousarray(out["W0"].T)
+        return out
+
+    def forward(self, params, x):
+        return super().forward({**params, "W0": params["W0"].T}, x)
+
+    def backward(self, params, cache, dlogits, grads):
+        turned = {**grads, "W0": np.zeros_like(grads["W0"].T)}
+        super().backward({**params, "W0": params["W0"].T}, cache, dlogits, turned)
+        grads["W0"][...] = turned["W0"].T
+
+
+def test_a_mismatch_with_equal_counts_names_the_tensor(digits, tmp_path):
+    first = ps.train(NumpyMLP(64, 10, 16), digits, config(epochs=1, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"tensor 'W0' is \(64, 16\) float32 there, 'W0' \(16, 64\)"):
+        ps.train(TransposedMLP(64, 10, 16), digits, config(epochs=2, resume=first.checkpoint))
+
+
 @pytest.mark.parametrize("version", [-1, 1.5, True])
 def test_save_checkpoint_refuses_a_version_load_would_refuse(tmp_path, version):
     with pytest.raises(ValueError, match="version must be a non-negative integer"):

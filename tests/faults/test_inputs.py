@@ -4,6 +4,7 @@ The README's "Bad input" table lists the same cases."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 from helpers import finish
 
+import paramserver as ps
 from paramserver.store import TMP_PREFIX, list_segments
 
 PS = [sys.executable, "-m", "paramserver"]
 TRAIN = [*PS, "train", "--backend", "numpy", "--no-progress", "--epochs", "1"]
+TORCH = ["--backend", "torch"]  # after TRAIN: the last --backend counts
 
 
 def run(args: list[str], timeout: float = 120) -> tuple[int, str, str, int]:
@@ -90,6 +93,72 @@ def test_inspect_of_a_name_the_os_refuses(name):
     assert_one_line_exit_2(rc, stderr, "cannot open segment")
 
 
+def _params_header(workers: int = 1, counter_width: int | None = None) -> dict:
+    """The layout and meta of a real params segment, to damage."""
+    from paramserver.layout import Layout
+    from paramserver.store import CONTROL_FIELDS, COUNTER_FIELDS
+
+    model = Layout.pack({"w": ((4,), np.float32)})
+    width = len(COUNTER_FIELDS) if counter_width is None else counter_width
+    layout = Layout.pack(
+        {
+            "params": ((4,), np.float32),
+            "state": ((0, 4), np.float32),
+            "counters": ((workers, width), np.float64),
+            "control": ((len(CONTROL_FIELDS),), np.int64),
+        }
+    )
+    meta = {"kind": "params", "model_layout": model.to_dict(), "model_fingerprint": model.fingerprint}
+    return {"layout": layout.to_dict(), "meta": meta}
+
+
+def _without(doc: dict, key: str) -> dict:
+    return {**doc, "meta": {k: v for k, v in doc["meta"].items() if k != key}}
+
+
+DAMAGED_HEADERS = {
+    "no layout": lambda: json.dumps({"meta": {"kind": "params"}}).encode(),
+    "meta a list": lambda: json.dumps({**_params_header(), "meta": []}).encode(),
+    "layout fields garbage": lambda: json.dumps({"layout": {"fields": [[1]], "nbytes": 8}}).encode(),
+    "params without model layout": lambda: json.dumps(_without(_params_header(), "model_layout")).encode(),
+    "model fingerprint wrong": lambda: json.dumps(
+        {**_params_header(), "meta": {**_params_header()["meta"], "model_fingerprint": "x"}}
+    ).encode(),
+    "counters too narrow": lambda: json.dumps(_params_header(counter_width=2)).encode(),
+    "deeply nested": lambda: b"[" * 200_000 + b"]" * 200_000,
+    "not UTF-8": lambda: b'{"meta": "' + bytes([0xFF, 0xFE]) + b'"}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_HEADERS))
+def test_inspect_of_a_segment_with_a_damaged_header(case):
+    # A valid magic, version and sizes, and then a header a crafted or damaged segment
+    # might hold: one line naming the segment, exit 2, never a traceback.
+    from multiprocessing import shared_memory
+
+    from paramserver import store as S
+    from paramserver.layout import Layout
+
+    doc = DAMAGED_HEADERS[case]()
+    try:
+        body = Layout.from_dict(json.loads(doc)["layout"])
+    except Exception:
+        body = Layout.pack({"w": ((4,), np.float32)})
+    offset = 1 << 20
+    shm = shared_memory.SharedMemory(name=S._new_name(), create=True, size=offset + body.nbytes)
+    try:
+        S._HEADER.pack_into(
+            shm.buf, 0, S.MAGIC, S.FORMAT_VERSION, offset, body.nbytes, body.fingerprint.encode(), len(doc)
+        )
+        shm.buf[S._HEADER.size : S._HEADER.size + len(doc)] = doc
+        rc, _, stderr, _ = run([*PS, "inspect", shm.name], timeout=60)
+        assert_one_line_exit_2(rc, stderr, "damaged")
+        assert shm.name in stderr
+    finally:
+        shm.close()
+        shm.unlink()
+
+
 @pytest.mark.parametrize("lr", ["inf", "nan", "-inf"])
 def test_a_non_finite_learning_rate_is_refused(lr):
     rc, _, stderr, pid = run([*TRAIN, "--out-dir", "", f"--lr={lr}"])
@@ -123,12 +192,16 @@ def _needs_unshare_m() -> None:
         pytest.skip(f"unshare -m with a tmpfs not permitted here: {probe.stderr.strip()}")
 
 
-@pytest.mark.parametrize("size", [200_000, 438_272, 512_000])
-def test_a_small_dev_shm_is_one_line_never_sigbus(tmp_path, size):
-    # Around the size where the segments fit and the semaphores do not: either the run
-    # trains, or it says there is no room; never SIGBUS (135).
+@pytest.mark.parametrize(
+    "size, model",
+    [*[(size, []) for size in (200_000, 438_272, 507_904, 512_000)], (512_000, [*TORCH, "--model", "cnn"])],
+)
+def test_a_small_dev_shm_is_one_line_never_sigbus(tmp_path, size, model):
+    # Around the size where the segments fit and the semaphores do not (the sizes of
+    # the reports: 507,904 was ENOSPC from a semaphore, 512,000 SIGBUS with the torch
+    # CNN): either the run trains, or it says there is no room; never SIGBUS (135).
     _needs_unshare_m()
-    rc, stdout, stderr, pid = run(_private_shm(size, *TRAIN, "--out-dir", str(tmp_path / "runs")))
+    rc, stdout, stderr, pid = run(_private_shm(size, *TRAIN, *model, "--out-dir", str(tmp_path / "runs")))
     assert rc in (0, 2), (rc, stderr)
     assert "Traceback" not in stderr
     if rc == 2:
@@ -136,3 +209,23 @@ def test_a_small_dev_shm_is_one_line_never_sigbus(tmp_path, size):
     else:
         assert "stopped by epochs" in stdout
     assert_left_nothing(pid)
+
+
+def _float_fields(cls) -> list[str]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if hints[f.name] in (float, float | None)]
+
+
+@pytest.mark.parametrize(
+    "cls, name",
+    [(cls, name) for cls in (ps.TrainConfig, ps.RLConfig) for name in _float_fields(cls)],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_every_float_option_must_be_finite(cls, name, value):
+    # Every float field of the configs, found by type: a new one is covered as it is
+    # added. Refused as not finite, or by a range check that names the field.
+    with pytest.raises(ValueError, match=rf"^{name} (must be a finite number|is a fraction in)"):
+        cls(**{name: value})
