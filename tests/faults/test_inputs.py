@@ -229,3 +229,23 @@ def test_every_float_option_must_be_finite(cls, name, value):
     # added. Refused as not finite, or by a range check that names the field.
     with pytest.raises(ValueError, match=rf"^{name} (must be a finite number|is a fraction in)"):
         cls(**{name: value})
+
+
+def test_inspect_of_another_users_segment():
+    # A segment is mode 0600: another user gets one line (EACCES), not a traceback.
+    # Needs root (to become that user) and setpriv.
+    from paramserver.layout import Layout
+    from paramserver.store import ShmStore
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run inspect as another user")
+    store = ShmStore.create_for(Layout.pack({"w": ((4,), np.float32)}), workers=1)
+    try:
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        proc = subprocess.run([*nobody, *PS, "inspect", store.name], capture_output=True, text=True,
+                              timeout=60, cwd="/")  # fmt: skip
+        expected = f"cannot open segment '{store.name}': Permission denied"
+        assert_one_line_exit_2(proc.returncode, proc.stderr, expected)
+    finally:
+        store.close()
+        store.unlink()
