@@ -78,7 +78,7 @@ def no_leaked_segments() -> Iterator[None]:
 
     Only what this test's own processes created counts: other runs on this machine
     (a second test session, a benchmark) create and leave their own."""
-    before = set(_shm_names())
+    before, sems_before = set(_shm_names()), _semaphores()
     tree = _ProcessTree()
     yield
     pids = tree.stop()
@@ -89,6 +89,18 @@ def no_leaked_segments() -> Iterator[None]:
         except FileNotFoundError:
             pass
     assert not leaked, f"test left shared-memory segments or semaphores behind: {sorted(leaked)}"
+    # Every other semaphore that appeared during the test and is still there (a name
+    # without a creator pid, such as multiprocessing's own sem.mp-*, which it unlinks at
+    # once): left by this test, unless another program on the machine made it meanwhile.
+    strays = _semaphores() - sems_before - set(_shm_names())
+    assert not strays, f"test left semaphores behind: {sorted(strays)}"
+
+
+def _semaphores() -> set[str]:
+    try:
+        return {name for name in os.listdir(SHM_DIR) if name.startswith("sem.")}
+    except FileNotFoundError:
+        return set()
 
 
 # -- the default run's length -----------------------------------------------------------------

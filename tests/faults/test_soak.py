@@ -8,14 +8,12 @@ and /tmp must end clean.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -24,7 +22,7 @@ from helpers import config, workers_of
 import paramserver as ps
 from paramserver.checkpoint import load_checkpoint
 from paramserver.models.numpy_models import NumpyMLP
-from paramserver.store import TMP_PREFIX, list_segments
+from paramserver.store import list_segments
 
 MINUTES = 3.0
 KILL_EVERY = 5.0
@@ -66,7 +64,8 @@ def test_random_signals_to_a_cli_run_for_minutes(tmp_path):
     to 2 s then SIGCONT it (the run goes on; no hang is declared), SIGUSR1 the server
     (a checkpoint): one at random every few seconds, for minutes."""
     rng = random.Random(1)
-    out = tmp_path / "runs"
+    out, tmp = tmp_path / "runs", tmp_path / "tmp"
+    tmp.mkdir()  # the run's TMPDIR: it must end empty
     log_out, log_err = tmp_path / "stdout", tmp_path / "stderr"
     with open(log_out, "w") as fo, open(log_err, "w") as fe:
         proc = subprocess.Popen(
@@ -76,7 +75,7 @@ def test_random_signals_to_a_cli_run_for_minutes(tmp_path):
                 "--max-seconds", str(CLI_SECONDS), "--max-restarts", "1000000",
                 "--hang-timeout", "30", "--out-dir", str(out),
             ],
-            stdout=fo, stderr=fe, text=True,
+            stdout=fo, stderr=fe, text=True, env={**os.environ, "TMPDIR": str(tmp)},
         )  # fmt: skip
     done: dict[str, int] = {"kill": 0, "term": 0, "stop-worker": 0, "stop-server": 0, "usr1": 0}
     try:
@@ -122,4 +121,4 @@ def test_random_signals_to_a_cli_run_for_minutes(tmp_path):
     assert result["test_accuracy"] > 0.9, result
     assert load_checkpoint(str(run)).version == result["version"]
     assert not [n for n, pid, _ in list_segments() if pid == proc.pid]
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"{TMP_PREFIX}{proc.pid}-*"))
+    assert list(tmp.iterdir()) == []  # no private dir, no pymp-*, nothing of anybody's
