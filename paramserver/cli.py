@@ -145,7 +145,9 @@ def cmd_rl(args: argparse.Namespace) -> int:
             f"paramserver rl needs PyTorch and gymnasium ({e}): pip install 'paramserver[torch,rl]'"
         ) from None
     if args.evaluate:
-        env = config.env if config.env != RLConfig.env else None  # default: the env it was trained on
+        # Without --env, the env it was trained on (the option's default is not a choice).
+        given = any(a == "--env" or a.startswith("--env=") for a in args.argv)
+        env = config.env if given or config.env != RLConfig.env else None
         print(evaluate(args.evaluate, config.eval_episodes, env=env, seed=config.seed).summary())
         return 0
     inspect_env(config.env, config.algo)  # a bad environment is one line, before any banner
@@ -261,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # rather than killing a run that is still loading its data.
         _early_signals()
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # which options were given
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("paramserver: interrupted", file=sys.stderr)

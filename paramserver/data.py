@@ -545,12 +545,17 @@ def load(
         if task not in (None, "classify"):
             raise ValueError(f"digits is a classification data set; task {task!r} does not apply")
         return load_digits(test_fraction=test_fraction, seed=seed)
-    if spec.endswith(".npz"):
-        return load_npz(spec, test_fraction=test_fraction, seed=seed, task=task)
-    if spec.endswith(".npy"):
-        return load_npy(spec, targets or None, task=task, test_fraction=test_fraction, seed=seed)
-    if spec.endswith(SVMLIGHT_SUFFIXES):
-        return load_svmlight(spec, task=task, test_fraction=test_fraction, seed=seed)
+    try:
+        if spec.endswith(".npz"):
+            return load_npz(spec, test_fraction=test_fraction, seed=seed, task=task)
+        if spec.endswith(".npy"):
+            return load_npy(spec, targets or None, task=task, test_fraction=test_fraction, seed=seed)
+        if spec.endswith(SVMLIGHT_SUFFIXES):
+            return load_svmlight(spec, task=task, test_fraction=test_fraction, seed=seed)
+    except (ValueError, TypeError) as e:  # what the contents are blamed for (a label, a shape): name the file
+        if spec in str(e) or (targets and targets in str(e)):
+            raise
+        raise type(e)(f"{spec!r}: {e}") from None
     raise ValueError(
         f"unknown data set {spec!r}; pass 'digits' or a path ending in .npz, .npy or "
         + ", ".join(SVMLIGHT_SUFFIXES)

@@ -510,8 +510,9 @@ def evaluate(
         raise ValueError(f"{path}: the policy names no environment; pass --env")
     info = inspect_env(target, doc["model"]["algo"])
     if (info.obs_dim, info.n_actions) != (doc["model"]["obs_dim"], doc["model"]["n_actions"]):
+        trained = repr(doc["env"]) if doc["env"] else "an environment it does not name"
         raise ValueError(
-            f"the policy was trained on {doc['env']!r} ({doc['model']['obs_dim']} observations, "
+            f"the policy was trained on {trained} ({doc['model']['obs_dim']} observations, "
             f"{doc['model']['n_actions']} actions), {info.name!r} has {info.obs_dim} and {info.n_actions}"
         )
     e = make_env(target)

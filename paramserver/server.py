@@ -22,6 +22,7 @@ given back first. A worker that raised a Python exception is not restarted
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import multiprocessing as mp
@@ -422,7 +423,9 @@ class Server(Supervisor):
         # cannot overflow it.
         rows = self.store.counters
         bad, good = int(rows.column("nonfinite").sum()), int(rows.column("steps").sum())
-        if not np.isfinite(self.store.params.sum(dtype=np.float64)):
+        with np.errstate(invalid="ignore"):  # inf + -inf: NaN, the answer wanted
+            total = self.store.params.sum(dtype=np.float64)
+        if not np.isfinite(total):
             what = f"the parameters became non-finite after {self.store.version()} updates"
         elif bad >= DIVERGED_STEPS and bad >= DIVERGED_RATIO * good:
             what = f"{bad} of {bad + good} steps were non-finite and skipped"
@@ -858,9 +861,10 @@ def check_writable_dir(path: str, what: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ValueError(
-            f"{what} {path!r} is not a writable directory ({e.strerror}); pass another"
-        ) from None
+        reason = e.strerror
+        if e.errno == errno.ENOENT and os.path.isdir(path):  # /proc, /sys: ENOENT for a new file
+            reason = "it takes no new files"
+        raise ValueError(f"{what} {path!r} is not a writable directory ({reason}); pass another") from None
 
 
 def write_json(path: str, doc: Any) -> None:

@@ -199,6 +199,10 @@ def worker_main(
     for w in place(plan.cores, config.nice):
         print(f"paramserver worker {plan.rank}: warning: {w}", flush=True)
     backend_class(task.backend).configure(plan.threads, config.seed + plan.rank)
+    # Overflow and NaN in a step are counted, skipped and reported (a non-finite step);
+    # NumPy's warnings would only repeat that once per worker among the run's lines.
+    # Set once here: an errstate per step would cost the hot loop microseconds.
+    np.seterr(over="ignore", invalid="ignore", divide="ignore")
     row = store.counters.row(plan.rank)
     row.pid = os.getpid()
     try:

@@ -373,6 +373,29 @@ def test_a_policy_naming_a_module_never_imports_it(tmp_path, monkeypatch):
     assert not (tmp_path / "ran").exists()
 
 
+@pytest.mark.parametrize("env", ["CartPole-v1", "Acrobot-v1"])
+def test_evaluate_with_env_given_never_uses_the_files_env(tmp_path, env):
+    # --env given on the command line, even when it equals the option's default, is the
+    # environment: the file's module-naming env is dropped, never imported, never named.
+    import subprocess
+    import sys
+
+    (tmp_path / "evilmod.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    path = write_policy(tmp_path / "policy.safetensors", metadata={"env": "evilmod:CartPole-v1"})
+    cmd = [sys.executable, "-m", "paramserver", "rl", "--evaluate", path, "--env", env]
+    cmd += ["--eval-episodes", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    if env == "CartPole-v1":  # the policy's sizes: it runs
+        assert proc.returncode == 0, proc.stderr
+        assert "1 episodes of CartPole-v1: mean return" in proc.stdout
+    else:
+        assert proc.returncode == 2, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("paramserver: error:") and "trained on an environment it does not name" in last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_torch_pickle_is_not_a_policy_file(tmp_path):
     path = tmp_path / "policy.pt"
     torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in policy_state().items()}}, path)
