@@ -18,6 +18,15 @@ LOKY_SEMAPHORE = re.compile(r"^sem\.loky-(\d+)-")
 """Semaphores named by joblib's loky (which replaces multiprocessing's naming) carry the pid."""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_cache_of_the_session(tmp_path_factory) -> Iterator[None]:
+    """torch.optim's first step (the plain-process references) makes torch's compile
+    cache directory, ``<tmp>/torchinductor_<user>``, and keeps it: in the session's own
+    temporary directory instead, so that the tests leave nothing in /tmp."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("torchinductor")))
+    yield
+
+
 @pytest.fixture(scope="session")
 def digits() -> ps.Dataset:
     """scikit-learn's digits, split as ``ps.load_digits()`` splits it (read-only in tests)."""

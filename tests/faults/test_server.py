@@ -221,6 +221,45 @@ def test_a_signal_during_start_up_is_handled(tmp_path, sig):
     assert_left_nothing(proc)
 
 
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.7, 1.2, 2.0])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_at_any_moment_of_start_up(tmp_path, sig, delay):
+    # Signals at fixed delays after launch land in the phases of start-up in turn (the
+    # interpreter and imports, loading the data, the segments, building the evaluator,
+    # spawning the workers; which phase a delay hits depends on the machine). Before
+    # the server exists SIGTERM ends the command in one line (exit 130), after it the
+    # run stops with its results (exit 0); SIGUSR1 never kills it once paramserver runs
+    # (before, the interpreter's default action does, with nothing made yet). Nothing
+    # is left.
+    out, tmp = tmp_path / "runs", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [*TRAIN, "--epochs", "100000", "--out-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)},
+    )  # fmt: skip
+    time.sleep(delay)
+    proc.send_signal(sig)
+    if sig == signal.SIGUSR1:
+        time.sleep(1.0)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    stdout, stderr = finish(proc)
+    assert "Traceback" not in stderr
+    if proc.returncode == -sig:
+        # Only while the interpreter starts, before paramserver's first line runs: then
+        # nothing exists yet that could be left.
+        assert not out.exists(), stderr
+    elif proc.returncode == 130:
+        assert stderr.strip().splitlines()[-1] == "paramserver: interrupted", stderr
+        assert not out.exists() or not list(out.iterdir())
+    else:
+        assert proc.returncode == 0, stderr
+        assert "stopped by" in stdout
+        assert (only_run_dir(out) / "results.json").exists()
+    assert_left_nothing(proc)
+    assert list(tmp.iterdir()) == []
+
+
 def _dead_pid() -> int:
     pid = 4_000_000
     while psutil.pid_exists(pid):
