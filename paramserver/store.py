@@ -901,8 +901,8 @@ def make_private_dir(parent: str | None = None) -> tuple[str, int]:
 
 def _sweep_private_dirs(tmp: str) -> list[str]:
     """Remove this user's private directories in ``tmp`` whose creator is dead, first
-    killing the processes that still hold files open there: what a SIGKILLed driver of a
-    local Ray instance leaves (Ray's agents outlive their parent, keeping their logs
+    killing the Ray processes that still hold files open there: what a SIGKILLed driver
+    of a local Ray instance leaves (Ray's agents outlive their parent, keeping their logs
     there open)."""
     removed = []
     try:
@@ -929,19 +929,21 @@ def _sweep_private_dirs(tmp: str) -> list[str]:
 
 
 def _kill_holders(path: str) -> bool:
-    """SIGKILL this user's processes with a file (or their working directory) under
-    ``path``, and wait a little for them to go; say whether there were any."""
+    """SIGKILL this user's Ray processes (``ray::*`` agents and workers, ``raylet``,
+    ``gcs_server``: "ray" in the command line) with a file open under ``path``, and wait
+    a little for them to go; say whether there were any. Nothing else is killed: a shell
+    or a pager looking at a dead run's logs is the user's."""
     import psutil
 
     inside = path.rstrip("/") + "/"
     holders = []
-    for proc in psutil.process_iter(["uids"]):
+    for proc in psutil.process_iter(["uids", "cmdline"]):
         try:
-            if proc.pid == os.getpid() or proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
+            uids, cmdline = proc.info["uids"], " ".join(proc.info["cmdline"] or ())
+            if proc.pid == os.getpid() or uids is None or uids.real != os.getuid() or "ray" not in cmdline:
                 continue
             fd_dir = f"/proc/{proc.pid}/fd"
-            links = [os.readlink(f"/proc/{proc.pid}/cwd")]
-            links += [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+            links = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
         except (OSError, psutil.Error):
             continue  # gone, or not ours to look at
         if any(link.startswith(inside) for link in links):
