@@ -384,9 +384,9 @@ def _check_layout(path: str, doc: Any, fingerprint: Any) -> Layout:
 def _check_array(path: str, name: str, a: Any, *, ndim: int, dtype: np.dtype) -> np.ndarray:
     if not isinstance(a, np.ndarray) or a.ndim != ndim:
         shape = getattr(a, "shape", None)
-        raise _error(path, f"its {name} has shape {shape}, expected {ndim} dimensions; the file is damaged")
+        raise _error(path, f"its {name}: shape {shape}, expected {ndim} dimensions; the file is damaged")
     if a.dtype != dtype:
-        raise _error(path, f"its {name} has dtype {a.dtype}, expected {dtype}; the file is damaged")
+        raise _error(path, f"its {name}: dtype {a.dtype}, expected {dtype}; the file is damaged")
     return a
 
 

@@ -129,7 +129,7 @@ NPZ_CASES = {
     "version a fraction": (dict(meta=npz_meta(version=1.5)), "version 1.5 is not"),
     "version text": (dict(meta=npz_meta(version="12")), "version '12' is not"),
     "config a list": (dict(meta=npz_meta(config=[1])), "config is not a JSON object"),
-    "counters 1-D": (dict(counters=np.zeros(WIDTH)), "counters has shape"),
+    "counters 1-D": (dict(counters=np.zeros(WIDTH)), "counters: shape"),
     "counters too narrow": (dict(counters=np.zeros((2, WIDTH - 1))), f"counters are 2 x {WIDTH - 1}"),
     "counters of no worker": (dict(counters=np.zeros((0, WIDTH))), "counters are 0 x"),
     "counters as int": (dict(counters=np.zeros((2, WIDTH), np.int64)), "dtype int64"),
@@ -141,7 +141,7 @@ NPZ_CASES = {
     "params of another dtype": (dict(params=np.zeros(N)), "dtype float64, expected float32"),
     "params 2-D": (dict(params=np.zeros((1, N), np.float32)), "expected 1 dimensions"),
     "state too wide": (dict(state=np.zeros((2, N + 1), np.float32)), f"needs {N} columns"),
-    "state 1-D": (dict(state=np.zeros(N, np.float32)), "optimizer state has shape"),
+    "state 1-D": (dict(state=np.zeros(N, np.float32)), "optimizer state: shape"),
     "state of objects": (dict(state=np.array([None, 1], dtype=object)), "Python objects"),
 }
 
@@ -203,7 +203,7 @@ ST_CASES = {
     "version NaN": (dict(metadata={"version": "nan"}), "version 'nan' is not"),
     "version a fraction": (dict(metadata={"version": "1.5"}), "version '1.5' is not"),
     "time not a number": (dict(metadata={"time": "yesterday"}), "time 'yesterday'"),
-    "counters 1-D": (dict(counters=np.zeros(WIDTH)), "counters has shape"),
+    "counters 1-D": (dict(counters=np.zeros(WIDTH)), "counters: shape"),
     "counters too narrow": (dict(counters=np.zeros((2, WIDTH - 1))), f"counters are 2 x {WIDTH - 1}"),
     "counters float32": (dict(counters=np.zeros((2, WIDTH), np.float32)), "dtype float32, expected float64"),
     "counters missing": (dict(counters=DROP), "lacks the tensor 'counters'"),
