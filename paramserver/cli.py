@@ -121,14 +121,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(
         job.backend, job.model, dataset.input_shape, dataset.outputs, job.hidden, tokens, dataset.task
     )
-    if not job.cluster:  # a cluster's errors (no Ray, no cluster) stay one line
-        print(
-            f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "
-            f"{job.workers} workers, {job.policy}, {job.optimizer} lr {job.lr}",
-            file=sys.stderr,
-        )
+    banner = (
+        f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "
+        f"{job.workers} workers, {job.policy}, {job.optimizer} lr {job.lr}"
+    )
+    said: list[str] = []
+
+    def announce(_figures: dict[str, Any]) -> None:
+        # At the server's first progress call, once the run has started: an error found
+        # on the way (a checkpoint that does not fit, an unwritable directory) stays the
+        # only line.
+        if not said:
+            said.append(banner)
+            print(banner, file=sys.stderr, flush=True)
+
     config = dataclasses.replace(job)  # a TrainJob is a TrainConfig
-    result = train(model, dataset, config)
+    result = train(model, dataset, config, callback=None if job.cluster else announce)
+    if not job.cluster:
+        announce({})  # a run too short for a progress call
     print(result.summary())
     return 1 if result.stop_reason == "diverged" else 0  # no usable model
 
@@ -230,21 +240,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _early_signals() -> None:
-    """SIGTERM raises KeyboardInterrupt, SIGUSR1 is ignored (main thread only)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
 COMMANDS = {
     "train": cmd_train, "rl": cmd_rl, "inspect": cmd_inspect, "clean": cmd_clean, "report": cmd_report,
     "bench": cmd_bench,
@@ -254,19 +249,23 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     from .server import WorkerError
     from .store import SegmentError
-    from .supervise import Terminated
+    from .supervise import Terminated, install_early_signals
 
     parser = build_parser()
     try:
         # Until a server installs its own handlers (it stops cleanly on SIGTERM and
         # writes a checkpoint on SIGUSR1): SIGTERM ends like Ctrl-C, SIGUSR1 is ignored
         # rather than killing a run that is still loading its data.
-        _early_signals()
+        install_early_signals()
         args = parser.parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # which options were given
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("paramserver: interrupted", file=sys.stderr)
+        # CPython (3.11-3.13) marks a KeyboardInterrupt that leaves exec() of a string
+        # as unhandled (scipy's imports run such code), and then ends the process by
+        # SIGINT although it was handled here; an exec of a string resets that mark.
+        exec("")
         return 130
     except Terminated:
         print("paramserver: stopped at once by a repeated signal; no results written", file=sys.stderr)

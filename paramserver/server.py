@@ -580,7 +580,7 @@ class SupervisedJob(Job):
         self.remaining = max(0, cfg.steps - base) if cfg.steps else 0
         if cfg.steps and self.remaining == 0:
             raise ValueError(
-                f"the checkpoint already made {base} updates, --steps is {cfg.steps}; "
+                f"checkpoint {cfg.resume!r} already made {base} updates, --steps is {cfg.steps}; "
                 "raise --steps to train on"
             )
         per_epoch = sum(map(self._batches_per_epoch, range(cfg.workers)))

@@ -54,6 +54,31 @@ Launch = Callable[[int, int], mp.process.BaseProcess]
 """``launch(rank, life)`` starts worker ``rank``: life 0 at first, n at its n-th restart."""
 
 
+_EARLY_SIGNALS: list[int] = []
+"""SIGTERMs heard by :func:`install_early_signals`' handler before a server's own."""
+
+
+def install_early_signals() -> None:
+    """For a command line, until a server installs its handlers: SIGTERM raises
+    KeyboardInterrupt (the command ends at once, like Ctrl-C), SIGUSR1 is ignored rather
+    than killing a run that is still loading its data. Main thread only.
+
+    Each SIGTERM is also recorded, and a server that starts after one stops its run at
+    once: a KeyboardInterrupt raised in the middle of a third-party import can be
+    swallowed there (seen: SIGTERM 0.25 s after launch, inside NumPy's lazy submodule
+    imports that scikit-learn triggers; the run then trained on)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _EARLY_SIGNALS.clear()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        _EARLY_SIGNALS.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class WorkerError(RuntimeError):
     """A worker process died or failed (past its restarts); the run was stopped."""
 
@@ -439,6 +464,9 @@ class Supervisor:
         previous = {
             signum: signal.signal(signum, h) for signum, h in {**handlers, **self._signal_handlers()}.items()
         }
+        if _EARLY_SIGNALS:  # a SIGTERM before these handlers whose KeyboardInterrupt was lost
+            self._stop_on_signal(_EARLY_SIGNALS.pop(), None)
+            _EARLY_SIGNALS.clear()
 
         def restore() -> None:
             for signum, old in previous.items():
