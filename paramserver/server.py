@@ -392,12 +392,12 @@ class Server(Supervisor):
                 if cfg.on_nonfinite == "stop" and rows.column("nonfinite").any():
                     reason = "nonfinite"
                     break
-                if self._diverged():
-                    reason = "diverged"
-                    break
-                stop = job.poll(self, elapsed, rows)
+                stop = job.poll(self, elapsed, rows)  # first: its callback sees every poll
                 if stop is not None:
                     reason = stop
+                    break
+                if self._diverged():
+                    reason = "diverged"
                     break
         finally:
             store.request_stop()
