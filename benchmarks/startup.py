@@ -8,10 +8,11 @@ training from then on), read from the workers' own ``started`` stamps. Each star
 method is measured in a fresh interpreter of its own (``torch`` imported first, as a
 user's script has it), run after run in that same interpreter:
 
-- ``spawn`` (the default): every run spawns two interpreters that each import torch;
-- ``forkserver`` (opt-in, ``start_method``): the first run in a process starts a
-  forkserver that imports torch once (its "cold" figure); every later run forks its
-  workers from it ("warm": a notebook's next cell, benchmark repeats, a test session).
+- ``spawn`` (``start_method="spawn"``): every run spawns two interpreters that each
+  import torch;
+- ``forkserver`` (torch's default, ``start_method="auto"``): the first run in a process
+  starts a forkserver that imports torch once (its "cold" figure); every later run forks
+  its workers from it ("warm": a notebook's next cell, benchmark repeats, a test session).
 
 The trained parameters of a one-worker run are compared between the two methods:
 the same seed must give the same bytes. Target (the start-up issue): <= 0.8 s.

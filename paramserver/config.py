@@ -96,7 +96,7 @@ class RunConfig:
     )
     start_method: str = _f(
         "auto",
-        "how workers start (auto: spawned; forkserver, torch only: from one that imported torch)",
+        "how workers start (auto: torch's from a forkserver that imported torch, the others spawned)",
         choices=START_METHODS,
     )
     nice: int = _f(0, "niceness for workers (0 = unchanged; negative needs privileges)")

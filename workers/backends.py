@@ -388,11 +388,12 @@ class TorchBackend(Backend):
     :func:`recalibrate_batch_norm`."""
 
     name = "torch"
-    # Spawned by default; with start_method "forkserver" forked from a forkserver that has
-    # imported torch, so its 1.5-2.5 s import is paid once per session instead of once per
-    # worker (benchmarks/startup.py). The workers die with the forkserver, which exits
-    # with the server (see die_with_parent).
-    start_method = "spawn"
+    # Forked from a forkserver that has imported torch, so its 1.5-2.5 s import is paid
+    # once per process instead of once per worker and run: a process's first run starts
+    # as fast as spawned workers do, every later one (a notebook's next cell, benchmark
+    # repeats) in about 0.4 s instead of 2 (benchmarks/startup.py). The workers die with
+    # the forkserver, which exits with the server's process (see die_with_parent).
+    start_method = "forkserver"
     forkserver_ok = True
     preload = ("torch",)
     calibration: np.ndarray | None = None
