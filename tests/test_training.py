@@ -191,7 +191,7 @@ def test_recalibrate_batch_norm_sets_the_statistics_of_the_inputs():
 def test_torch_batch_norm_model_is_evaluated_with_statistics_of_its_trained_parameters(digits):
     """Buffers are per worker; the server's copy and the caller's model re-estimate them."""
     model = bn_mlp()
-    cfg = config(policy="po3", workers=2, epochs=5, target_accuracy=0.99, eval_every=0.05)
+    cfg = config(policy="po3", workers=2, epochs=20, target_accuracy=0.99, eval_every=0.05)
     result = ps.train(model, digits, cfg)
     assert result.evaluations, "the server evaluated while training"
     assert result.test_accuracy >= 0.93, result.summary()
