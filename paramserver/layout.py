@@ -160,19 +160,24 @@ class Layout:
     # -- views ----------------------------------------------------------------------
 
     def ranges_without(self, names: Iterable[str]) -> list[tuple[int, int]]:
-        """Element ranges ``[lo, hi)`` of the flat vector not held by the tensors ``names``
-        (the dense part of a model whose ``names`` get row-sparse gradients). Padding
-        between tensors stays inside a range: fewer, longer ranges for the update rule,
-        and a zero gradient there changes nothing."""
+        """Element ranges ``[lo, hi)`` of the flat vector that hold the tensors other than
+        ``names`` (the dense part of a model whose ``names`` get row-sparse gradients).
+        Padding between two such tensors stays inside a range (fewer, longer ranges for
+        the update rule; a zero gradient there changes nothing); padding alone, next to a
+        table, makes no range: a step would check and update it for nothing."""
         size, skip = self.dtype.itemsize, set(names)
-        holes = sorted((f.offset // size, f.offset // size + f.size) for f in self.fields if f.name in skip)
-        out, lo = [], 0
-        for a, b in holes:
-            if a > lo:
-                out.append((lo, a))
-            lo = max(lo, b)
-        if lo < self.flat_size:
-            out.append((lo, self.flat_size))
+        spans = sorted((f.offset // size, f.offset // size + f.size, f.name in skip) for f in self.fields)
+        out: list[tuple[int, int]] = []
+        joinable = False  # the last range may grow across padding: no table since
+        for a, b, is_table in spans:
+            if is_table:
+                joinable = False
+            elif b > a:
+                if joinable:
+                    out[-1] = (out[-1][0], b)
+                else:
+                    out.append((a, b))
+                joinable = True
         return out
 
     def views(self, buf: Any, base: int = 0) -> dict[str, np.ndarray]:

@@ -516,7 +516,12 @@ def row_span(s: SparseRows, lo: int, hi: int) -> tuple[int, int]:
     # <= r < ceil((hi - offset) / dim).
     a = -(-(lo - s.offset) // s.dim)
     b = -(-(hi - s.offset) // s.dim)
-    return int(np.searchsorted(s.rows, a)), int(np.searchsorted(s.rows, b))
+    n = len(s.rows)
+    # Rows are sorted and >= 0: a span covering every row (a lock-free push, one stripe
+    # for the whole vector) needs no search.
+    first = 0 if a <= 0 or n == 0 else int(np.searchsorted(s.rows, a))
+    last = n if n == 0 or b > s.rows[-1] else int(np.searchsorted(s.rows, b))
+    return first, last
 
 
 Backward = Callable[[], Gradient]

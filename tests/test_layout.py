@@ -328,3 +328,17 @@ def test_from_torch_without_trainable_parameters_raises():
 
     with pytest.raises(ValueError, match="no trainable parameters"):
         Layout.from_torch(net)
+
+
+def test_dense_ranges_skip_tables_and_padding_next_to_them():
+    layout = Layout.pack(
+        {"emb": ((1000, 32), np.float32), "w": ((32, 2), np.float32), "b": ((2,), np.float32),
+         "t2": ((10, 3), np.float32), "c": ((3,), np.float32)}
+    )  # fmt: skip
+    off = {f.name: f.offset // 4 for f in layout.fields}
+    # w and b with the padding between them are one range; c alone; no range of padding.
+    assert layout.ranges_without(["emb", "t2"]) == [(off["w"], off["b"] + 2), (off["c"], off["c"] + 3)]
+    tables_only = Layout.pack({"U": ((5000, 9), np.float32), "V": ((5000, 9), np.float32)})
+    assert tables_only.flat_size > 2 * 45000  # padding between and after the tables
+    assert tables_only.ranges_without(["U", "V"]) == []  # nothing dense to check or update
+    assert layout.ranges_without([]) == [(0, off["c"] + 3)]

@@ -447,3 +447,17 @@ def test_sweep_stale_ignores_other_files_and_unparsable_pids_as_dead():
         for name in (other, odd):
             if os.path.exists(_path(name)):
                 os.unlink(_path(name))
+
+
+def test_row_span_equals_a_search_of_the_rows():
+    # The fast path (a span covering every row) must give what the searches give.
+    from paramserver.store import SparseRows, row_span
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, dim, offset = int(rng.integers(0, 6)), int(rng.integers(1, 5)), int(rng.integers(0, 20))
+        rows = np.unique(rng.integers(0, 12, n)).astype(np.int64)
+        s = SparseRows(offset, dim, rows, np.zeros((rows.size, dim), np.float32))
+        lo, hi = sorted(int(v) for v in rng.integers(-5, offset + 14 * dim, 2))
+        a, b = -(-(lo - offset) // dim), -(-(hi - offset) // dim)
+        assert row_span(s, lo, hi) == (int(np.searchsorted(rows, a)), int(np.searchsorted(rows, b)))
