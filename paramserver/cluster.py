@@ -62,7 +62,7 @@ from .data import Dataset, shard, take
 from .layout import Layout
 from .server import ParameterServer, TrainResult
 from .store import TMP_PREFIX, make_private_dir, sweep_stale
-from .supervise import run_span
+from .supervise import run_span, take_early_signal
 
 RAY_MISSING = "the cluster needs Ray: pip install 'paramserver[ray]'"
 POLL_SECONDS = 0.0005
@@ -719,6 +719,8 @@ def _stop_signals() -> Iterator[dict[str, str]]:
         heard.setdefault("reason", "terminated" if signum == signal.SIGTERM else "interrupted")
 
     old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if take_early_signal():  # a SIGTERM during start-up whose KeyboardInterrupt was lost
+        note(signal.SIGTERM, None)
     try:
         yield heard
     finally:

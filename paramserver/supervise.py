@@ -79,6 +79,15 @@ def install_early_signals() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def take_early_signal() -> bool:
+    """Whether a SIGTERM reached :func:`install_early_signals`' handler (its
+    KeyboardInterrupt lost on the way); the record is cleared. Called by whoever
+    installs the handlers of a run, which then stops at once."""
+    heard = bool(_EARLY_SIGNALS)
+    _EARLY_SIGNALS.clear()
+    return heard
+
+
 class WorkerError(RuntimeError):
     """A worker process died or failed (past its restarts); the run was stopped."""
 
@@ -464,9 +473,8 @@ class Supervisor:
         previous = {
             signum: signal.signal(signum, h) for signum, h in {**handlers, **self._signal_handlers()}.items()
         }
-        if _EARLY_SIGNALS:  # a SIGTERM before these handlers whose KeyboardInterrupt was lost
-            self._stop_on_signal(_EARLY_SIGNALS.pop(), None)
-            _EARLY_SIGNALS.clear()
+        if take_early_signal():  # a SIGTERM before these handlers whose KeyboardInterrupt was lost
+            self._stop_on_signal(signal.SIGTERM, None)
 
         def restore() -> None:
             for signum, old in previous.items():

@@ -314,3 +314,28 @@ def test_sigterm_stops_every_node_and_leaves_nothing(short_tmp):
     assert proc.returncode == 0, err
     assert "stopped by terminated" in out, err
     assert list(short_tmp.iterdir()) == []
+
+
+def test_a_sigterm_swallowed_during_start_up_stops_the_driver():
+    # As on one machine (tests/faults/test_server.py): a SIGTERM whose KeyboardInterrupt
+    # an import swallowed is on record, and the driver's handlers take it as a stop.
+    import time
+
+    from paramserver.cluster import _stop_signals
+    from paramserver.supervise import install_early_signals
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        install_early_signals()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        with _stop_signals() as heard:
+            assert heard.get("reason") == "terminated"
+        with _stop_signals() as heard:  # the record is used once
+            assert heard == {}
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
