@@ -125,14 +125,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"paramserver: {dataset.describe()}; {job.backend} {job.model}; "
         f"{job.workers} workers, {job.policy}, {job.optimizer} lr {job.lr}"
     )
-    said: list[str] = []
+    said = False
 
     def announce(_figures: dict[str, Any]) -> None:
         # At the server's first progress call, once the run has started: an error found
         # on the way (a checkpoint that does not fit, an unwritable directory) stays the
         # only line.
+        nonlocal said
         if not said:
-            said.append(banner)
+            said = True
             print(banner, file=sys.stderr, flush=True)
 
     config = dataclasses.replace(job)  # a TrainJob is a TrainConfig

@@ -61,7 +61,7 @@ from .config import cluster_address as _address
 from .data import Dataset, shard, take
 from .layout import Layout
 from .server import ParameterServer, TrainResult
-from .store import TMP_PREFIX, make_private_dir, sweep_stale
+from .store import make_private_dir, private_dir_prefix, sweep_stale
 from .supervise import run_span, take_early_signal
 
 RAY_MISSING = "the cluster needs Ray: pip install 'paramserver[ray]'"
@@ -395,7 +395,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     sockets live about 64 characters below that directory, within the 107 of a socket
     path: under a longer ``TMPDIR`` than that leaves room for, it goes to ``/tmp``."""
     ray = _import_ray()
-    base, prefix = tempfile.gettempdir(), f"{TMP_PREFIX}{os.getpid()}-"
+    base, prefix = tempfile.gettempdir(), private_dir_prefix()
     # <base>/<prefix + 8 random>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
     longest = len(base) + 1 + len(prefix) + 8 + len("/session_2026-12-03_11-57-42_843402_4194304") + 21
     if longest > 107 and os.path.isdir("/tmp"):

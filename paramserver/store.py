@@ -683,16 +683,15 @@ class ShmStore(Segment, Store):
             if model.fingerprint != self.meta["model_fingerprint"]:
                 raise ValueError("the model layout does not match its fingerprint")
             shapes = {f.name: f.shape for f in self.layout.fields}
-            slots = shapes["state"][0] if len(shapes["state"]) == 2 else -1
-            workers = shapes["counters"][0] if len(shapes["counters"]) == 2 else -1
-            expected = {
-                "params": (model.flat_size,),
-                "state": (slots, model.flat_size),
-                "counters": (workers, len(COUNTER_FIELDS)),
+            n = model.flat_size
+            expected = {  # state slots and workers: whatever the first axis says
+                "params": (n,),
+                "state": (*shapes["state"][:1], n),
+                "counters": (*shapes["counters"][:1], len(COUNTER_FIELDS)),
                 "control": (len(CONTROL_FIELDS),),
             }
             for array, shape in expected.items():
-                if shapes[array] != shape or min(shape) < 0:
+                if shapes[array] != shape:
                     raise ValueError(f"array {array!r} is {shapes[array]}, expected {shape}")
         except (ValueError, KeyError, TypeError, IndexError, OverflowError) as e:
             raise SegmentError(f"segment {self.name!r} has a damaged params header ({_why(e)})") from None
@@ -895,10 +894,15 @@ LOCK_FILE = "lock"
 """A server holds a lock on this file in its private directory while it runs."""
 
 
+def private_dir_prefix() -> str:
+    """How this process's private directories' names begin: ``paramserver-<pid>-``."""
+    return f"{TMP_PREFIX}{os.getpid()}-"
+
+
 def make_private_dir(parent: str | None = None) -> tuple[str, int]:
     """A private directory ``<parent or tmp>/paramserver-<pid>-<random>`` and an open,
     locked descriptor of its lock file (closing it marks the directory stale)."""
-    path = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=parent)
+    path = tempfile.mkdtemp(prefix=private_dir_prefix(), dir=parent)
     fd = os.open(os.path.join(path, LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return path, fd

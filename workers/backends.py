@@ -582,14 +582,10 @@ class NumpyBackend(Backend):
         return out
 
     def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
-        with _quiet():
+        # No overflow/NaN warnings for the server's scores: a non-finite score is reported
+        # as such (workers turn them off once, in worker_main).
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return self.model.forward(self.params, x)[0]  # BLAS threads: limited by the caller
-
-
-def _quiet() -> Any:
-    """NumPy's overflow and NaN warnings off for a prediction (the server's scores): a
-    non-finite score is reported as such. Workers turn them off once (``worker_main``)."""
-    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
 def _is_torch_module(model: Any) -> bool:
