@@ -136,7 +136,9 @@ def test_missing_ray_names_the_extra():
 @pytest.mark.parametrize("rule", ["downpour", "easgd"])
 def test_two_nodes_learn_digits(local_ray, digits, rule):
     cc = ClusterConfig(cluster="local", nodes=2, sync_every=10, sync_rule=rule, elastic_alpha=0.2)
-    result = train_cluster(mlp(digits), digits, config(), cc)
+    # 50 epochs: at 30, downpour ended below 95% in 2 of 16 runs on a loaded 2-core
+    # machine (0.922, 0.933; the others 0.961-0.978); at 50, 5 of 5 reached 0.964-0.978.
+    result = train_cluster(mlp(digits), digits, config(epochs=50), cc)
     assert result.test_accuracy >= 0.95, result.summary()
     assert [n["node"] for n in result.nodes] == [0, 1]
     assert all(n["syncs"] >= 1 and n["bytes_sent"] > 0 for n in result.nodes)
