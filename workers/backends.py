@@ -33,7 +33,6 @@ import numpy as np
 from paramserver import portable
 from paramserver.data import CSR, num_samples, take
 from paramserver.layout import Layout
-from paramserver.optim import coalesce
 from paramserver.portable import ByValue
 from paramserver.store import SparseRows
 
@@ -170,7 +169,9 @@ class Backend(ABC):
     @abstractmethod
     def backward(self) -> list[SparseRows] | None:
         """Write the gradient of the last ``forward`` into the flat gradient buffer (its
-        dense part), and return the coalesced rows of the tensors in :attr:`sparse`."""
+        dense part), and return the row gradients of the tensors in :attr:`sparse`
+        (:func:`ids_and_values`: as the model gives them; the worker coalesces them where
+        the update needs sorted rows)."""
 
     @abstractmethod
     def predict(self, x: Any, threads: int | None = None) -> np.ndarray:
@@ -353,8 +354,22 @@ def torch_rows(grad: Any) -> tuple[np.ndarray, np.ndarray]:
 
     ``_indices()``/``_values()`` are private (checked with torch 2.x); the public
     ``indices()`` refuses an uncoalesced tensor and ``coalesce()`` would sort in torch,
-    then again here: :func:`paramserver.optim.coalesce` does it once, compiled."""
-    return grad._indices()[0].numpy(), grad._values().numpy()
+    where the worker may need no sort (:func:`paramserver.optim.coalesce`, compiled, if it
+    does)."""
+    return grad._indices().numpy()[0], grad._values().numpy()
+
+
+def ids_and_values(offset: int, dim: int, ids: Any, values: Any) -> SparseRows:
+    """An uncoalesced row gradient of the table at ``offset`` (rows of ``dim``): int64 ids
+    (one per row of ``values``, any order, repeats allowed) and their gradients."""
+    ids = np.ascontiguousarray(ids, np.int64)
+    values = np.ascontiguousarray(values)
+    if ids.ndim != 1 or values.size != ids.size * dim:
+        raise ValueError(
+            f"a row gradient needs 1-D ids and one row of {dim} values per id, got ids of shape "
+            f"{ids.shape} and values of shape {values.shape}"
+        )
+    return SparseRows(offset, dim, ids, values.reshape(ids.size, dim), coalesced=False)
 
 
 def bind_torch(
@@ -500,8 +515,9 @@ class TorchBackend(Backend):
             g, p.grad = p.grad, None  # the next backward must start from None again
             if g is None:
                 continue
-            rows, values = coalesce(*torch_rows(g))
-            out.append(SparseRows(offset, dim, rows, values))
+            # As torch gives them (uncoalesced): the worker coalesces only where the rule
+            # or the store needs sorted rows (torch.optim.SGD does not either).
+            out.append(ids_and_values(offset, dim, *torch_rows(g)))
         return out
 
     def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -576,9 +592,7 @@ class NumpyBackend(Backend):
         rows = self.model.backward(self.params, cache, dlogits, self.grads) or {}
         out = []
         for name, (indices, values) in rows.items():
-            offset, dim = self._tables[name]
-            r, v = coalesce(indices, np.asarray(values).reshape(len(indices), dim))
-            out.append(SparseRows(offset, dim, r, v))
+            out.append(ids_and_values(*self._tables[name], indices, values))
         return out
 
     def predict(self, x: np.ndarray, threads: int | None = None) -> np.ndarray:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import multiprocessing.forkserver as forkserver
 import os
 import signal
@@ -39,8 +40,8 @@ from paramserver.asynchrony import StaleFirst
 from paramserver.config import RunConfig
 from paramserver.data import TrainingData, epoch_orders, num_samples, shard, take
 from paramserver.layout import Layout
-from paramserver.optim import Updater, values_finite
-from paramserver.store import STATUS, Gradient, Store, row_span
+from paramserver.optim import Updater, coalesce, values_finite
+from paramserver.store import STATUS, Gradient, SparseRows, Store, row_span
 from paramserver.supervise import START_TIMEOUT as START_TIMEOUT
 
 from .backends import Backend, ModelSpec, backend_class
@@ -258,6 +259,7 @@ def prepare(
     rule.warm_up(params.dtype.type)
     schedule = config.lr_schedule_for(max(1, plan.total_updates))
     attenuation = config.attenuation_rule()
+    damped = attenuation.active
     counters = store.counters
     row = counters.row(plan.rank)
     if plan.life == 0:
@@ -272,6 +274,9 @@ def prepare(
     # The dense part of the vector, and each row-sparse table with its state (same offsets).
     dense = layout.ranges_without(task.sparse) if task.sparse else [(0, params.size)]
     tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    # Row gradients arrive as the model gives them; sorted rows are needed only by a rule
+    # that is not a plain sum (adagrad, adam) or by a store that applies a push in parts.
+    ids_ok = rule.takes_ids and store.whole_pushes
     for name in task.sparse:
         f = layout[name]
         o = f.offset // params.itemsize
@@ -307,15 +312,19 @@ def prepare(
     def backward() -> Gradient:
         nonlocal gradient
         gradient = task.backward()
+        if gradient.sparse and not ids_ok:
+            gradient.sparse = [
+                s if s.coalesced else SparseRows(s.offset, s.dim, *coalesce(s.rows, s.values))
+                for s in gradient.sparse
+            ]
         if probe is not None:
             probe("backward")
-        # One cheap pass: the sum of the gradient is finite iff every element is
-        # (barring overflow of the sum itself). A bad step must never reach the store.
-        # Only the dense ranges: the tables' part of the buffer is never written.
+        # One cheap pass over the bits (values_finite): a bad step must never reach the
+        # store. Only the dense ranges: the tables' part of the buffer is never written.
         flat = gradient.dense
-        finite = gradient.finite and bool(np.isfinite(loss))
+        finite = gradient.finite and math.isfinite(loss)
         if finite and flat is not None:
-            finite = all(np.isfinite(flat[a:b].sum()) for a, b in dense)
+            finite = all(values_finite(flat[a:b]) for a, b in dense)
         gradient.finite = finite and all(values_finite(s.values) for s in gradient.sparse)
         if task.sparse and gradient.ranges is None:
             gradient.ranges = dense
@@ -327,7 +336,7 @@ def prepare(
         """Staleness, attenuation and learning rate of this update, just before it lands."""
         now_version = counters.version()
         staleness = now_version - version
-        grad_factor, lr_factor = attenuation.factors(staleness)
+        grad_factor, lr_factor = attenuation.factors(staleness) if damped else (1.0, 1.0)
         if grad_factor != 1.0:
             np.multiply(grad, np.float32(grad_factor), out=grad)
             for s in gradient.sparse:
@@ -354,10 +363,13 @@ def prepare(
                 if lo < hi:
                     update(lo, hi)
         for s in g.sparse:
+            table, table_state = tables[s.offset]
+            if not s.coalesced:  # only where ids_ok: one apply over the whole vector
+                rule.apply_ids(table, s.rows, s.values, update.lr)
+                continue
             # The rows that start in [a, b): each row is updated under exactly one stripe.
             i, j = row_span(s, a, b)
             if j > i:
-                table, table_state = tables[s.offset]
                 rule.apply_rows(table, table_state, s.rows[i:j], s.values[i:j], update.t, update.lr)
 
     stop = store.stop_word()
