@@ -15,7 +15,7 @@ import torch
 
 import paramserver.optim as optim
 from paramserver.benchmarks import rules as rules_bench
-from paramserver.optim import UpdateRule, coalesce, make_rule, values_finite
+from paramserver.optim import UpdateRule, coalesce, finite_check, make_rule, values_finite
 
 ROWS, DIM = 50, 4
 STEPS = 6
@@ -349,6 +349,22 @@ def test_values_finite_finds_every_non_finite(dtype, bad, where):
     values.reshape(-1)[where] = bad
     assert not values_finite(values)
     assert not values_finite(values[:, ::2] if where in (0, -1) else values)  # strided views too
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_a_bound_finite_check_reads_the_array_as_it_is_now(dtype, kernels_or_numpy):
+    """A worker binds the check to its gradient buffer once; every later call must see the
+    values written since (a view, never a copy)."""
+    buffer = np.zeros(40, dtype)
+    check = finite_check(buffer[8:24])
+    assert check()
+    buffer[23] = np.inf
+    assert not check()
+    buffer[23] = 1.0
+    buffer[24] = np.nan  # outside the bound range
+    assert check()
+    buffer[8] = np.nan
+    assert not check()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -40,7 +40,7 @@ from paramserver.asynchrony import StaleFirst
 from paramserver.config import RunConfig
 from paramserver.data import TrainingData, epoch_orders, num_samples, shard, take
 from paramserver.layout import Layout
-from paramserver.optim import Updater, coalesce, values_finite
+from paramserver.optim import Updater, coalesce, finite_check, values_finite
 from paramserver.store import STATUS, Gradient, SparseRows, Store, row_span
 from paramserver.supervise import START_TIMEOUT as START_TIMEOUT
 
@@ -277,6 +277,7 @@ def prepare(
     # Row gradients arrive as the model gives them; sorted rows are needed only by a rule
     # that is not a plain sum (adagrad, adam) or by a store that applies a push in parts.
     ids_ok = rule.takes_ids and store.whole_pushes
+    dense_finite = [finite_check(grad[a:b]) for a, b in dense]  # of this buffer, bound once
     for name in task.sparse:
         f = layout[name]
         o = f.offset // params.itemsize
@@ -323,7 +324,9 @@ def prepare(
         # store. Only the dense ranges: the tables' part of the buffer is never written.
         flat = gradient.dense
         finite = gradient.finite and math.isfinite(loss)
-        if finite and flat is not None:
+        if finite and flat is grad:
+            finite = all(check() for check in dense_finite)
+        elif finite and flat is not None:
             finite = all(values_finite(flat[a:b]) for a, b in dense)
         gradient.finite = finite and all(values_finite(s.values) for s in gradient.sparse)
         if task.sparse and gradient.ranges is None:
