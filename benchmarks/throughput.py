@@ -234,6 +234,10 @@ def measure_manager(task: str, n: int, seconds: float) -> float:
 
 
 def measure_paramserver(task: str, n: int, policy: str, seconds: float) -> float:
+    """Samples/s of a server under its own watch loop (``run``: supervision, the divergence
+    scan, checkpoints off), as ``ps.train`` runs it; the window is read from a thread."""
+    import threading
+
     import paramserver as ps
     from paramserver.api import model_spec
     from paramserver.server import ParameterServer
@@ -247,14 +251,33 @@ def measure_paramserver(task: str, n: int, policy: str, seconds: float) -> float
         epochs=10**6, out_dir="", progress=False,
     )  # fmt: skip
     spec, layout, init = model_spec(task_model(task), None, 0)
-    with ParameterServer(spec, layout, init, data, cfg) as server:
+    box: dict[str, Any] = {}
+
+    def window(server: Any) -> None:
+        try:
+            box["samples_per_s"] = _window(
+                lambda: server.store.counters.column("samples").copy(),
+                lambda: None,  # a worker that dies is the watch loop's business
+                WARMUP_STEPS * batch,
+                seconds,
+            )
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            box["error"] = e
+
+    def done(_figures: dict[str, Any]) -> bool:
+        return bool(box)  # the run stops at the poll after the window closed
+
+    with ParameterServer(spec, layout, init, data, cfg, callback=done) as server:
         # No view of the segment may outlive the block (it is closed on exit).
-        return _window(
-            lambda: server.store.counters.column("samples").copy(),
-            server.check_workers,
-            WARMUP_STEPS * batch,
-            seconds,
-        )
+        reader = threading.Thread(target=window, args=(server,), daemon=True)
+        reader.start()
+        server.run()
+        reader.join(JOIN_TIMEOUT)
+    if "error" in box:
+        raise box["error"]
+    if "samples_per_s" not in box:
+        raise RuntimeError("the run ended before its measuring window did")
+    return float(box["samples_per_s"])
 
 
 # -- the suite -----------------------------------------------------------------------------
