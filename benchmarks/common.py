@@ -32,6 +32,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+THROUGHPUT_TASKS = ("cnn", "mlp", "embedding")
+
+
 @dataclass
 class BenchConfig:
     """Which suites to run, how long, and where the results go."""
@@ -41,6 +44,10 @@ class BenchConfig:
     workers: str = _f("", "comma-separated worker counts; default 1, 2, 4 and powers of 2 up to the cores")
     repeats: int = _f(3, "repeats of each measurement (medians are reported); --quick uses 1")
     seconds: float = _f(2.0, "seconds of training per throughput measurement; --quick uses 1")
+    tasks: str = _f(
+        "",
+        "comma-separated throughput tasks among cnn, mlp, embedding (default: all; --quick: cnn, embedding)",
+    )
     out_dir: str = _f("bench-results", "directory for results.json, summary.md and the plots")
     seed: int = _f(0, "random seed")
 
@@ -55,6 +62,17 @@ class BenchConfig:
         if self.seconds <= 0:
             raise ValueError(f"seconds must be positive, got {self.seconds}")
         self.worker_counts  # noqa: B018 (validates --workers)
+        unknown_tasks = set(self.task_list) - set(THROUGHPUT_TASKS)
+        if unknown_tasks:
+            raise ValueError(
+                f"unknown tasks {sorted(unknown_tasks)}; choose among {', '.join(THROUGHPUT_TASKS)}"
+            )
+
+    @property
+    def task_list(self) -> list[str]:
+        """The throughput suite's tasks: those named, else all (the quick run: cnn, embedding)."""
+        named = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        return named or (["cnn", "embedding"] if self.quick else list(THROUGHPUT_TASKS))
 
     @property
     def suite_list(self) -> list[str]:

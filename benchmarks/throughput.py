@@ -297,7 +297,7 @@ def measure(task: str, contender: str, n: int, seconds: float) -> float:
 def run(cfg: BenchConfig, report: Report) -> None:
     cores = len(os.sched_getaffinity(0))
     counts = [1, 2] if cfg.quick and not cfg.workers else cfg.worker_counts
-    tasks = ["cnn", "embedding"] if cfg.quick else ["cnn", "mlp", "embedding"]
+    tasks = cfg.task_list
     policies = ("po3", "striped") if cfg.quick else POLICIES
     for task in tasks:
         # The MLP runs the main contenders only, to keep the full suite within its time.

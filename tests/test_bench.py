@@ -51,3 +51,12 @@ def test_bad_bench_options_are_rejected():
     proc = subprocess.run([sys.executable, "-m", "paramserver", "bench", "--repeats", "0"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "repeats must be at least 1" in proc.stderr
+    with pytest.raises(ValueError, match=r"unknown tasks \['rnn'\]; choose among cnn, mlp, embedding"):
+        BenchConfig(tasks="embedding,rnn")
+
+
+def test_throughput_tasks_are_chosen_by_name():
+    assert BenchConfig().task_list == ["cnn", "mlp", "embedding"]
+    assert BenchConfig(quick=True).task_list == ["cnn", "embedding"]
+    assert BenchConfig(tasks=" embedding ").task_list == ["embedding"]
+    assert BenchConfig(tasks="mlp,cnn", quick=True).task_list == ["mlp", "cnn"]
