@@ -131,7 +131,7 @@ def adam(
 
 
 @njit(**_JIT)
-def rmsprop(
+def square_average(
     p: np.ndarray,
     g: np.ndarray,
     v: np.ndarray,
@@ -142,7 +142,10 @@ def rmsprop(
     weight_decay: np.floating,
     use_weight_decay: bool,
 ) -> None:
-    """RMSprop (not centered, no momentum) as ``torch.optim.RMSprop``."""
+    """``v = v * alpha + g * g * one_minus_alpha``, ``p -= g / (sqrt(v) + eps) * lr``:
+    ``torch.optim.RMSprop`` (not centered, no momentum), and with ``alpha`` and
+    ``one_minus_alpha`` both 1 ``torch.optim.Adagrad`` (lr_decay 0, initial accumulator 0:
+    ``v += g * g``, bit for bit, as a product by 1 is exact)."""
     for i in range(p.size):
         gi = g[i]
         if use_weight_decay:
@@ -150,26 +153,6 @@ def rmsprop(
         vi = v[i] * alpha + (gi * gi) * one_minus_alpha
         v[i] = vi
         p[i] = p[i] - (gi / (math.sqrt(vi) + eps)) * lr
-
-
-@njit(**_JIT)
-def adagrad(
-    p: np.ndarray,
-    g: np.ndarray,
-    s: np.ndarray,
-    eps: np.floating,
-    lr: np.floating,
-    weight_decay: np.floating,
-    use_weight_decay: bool,
-) -> None:
-    """Adagrad as ``torch.optim.Adagrad`` (lr_decay 0, initial accumulator 0)."""
-    for i in range(p.size):
-        gi = g[i]
-        if use_weight_decay:
-            gi = gi + p[i] * weight_decay
-        si = s[i] + gi * gi
-        s[i] = si
-        p[i] = p[i] - (gi / (math.sqrt(si) + eps)) * lr
 
 
 # -- rows: update only table[rows[k]] from values[k] ---------------------------------------

@@ -132,13 +132,7 @@ class UpdateRule(ABC):
     """Rows of process-local temporaries the rule needs."""
 
     def apply(
-        self,
-        p: np.ndarray,
-        g: np.ndarray,
-        state: np.ndarray,
-        t: int,
-        lr: float,
-        scratch: np.ndarray,
+        self, p: np.ndarray, g: np.ndarray, state: np.ndarray, t: int, lr: float, scratch: np.ndarray
     ) -> None:
         """Update ``p`` in place. ``state`` is ``(state_slots, n)``, ``scratch``
         ``(scratch_slots, n)``; ``t`` is the 1-based step number (bias correction).
@@ -159,13 +153,7 @@ class UpdateRule(ABC):
 
     @abstractmethod
     def apply_numpy(
-        self,
-        p: np.ndarray,
-        g: np.ndarray,
-        state: np.ndarray,
-        t: int,
-        lr: float,
-        scratch: np.ndarray,
+        self, p: np.ndarray, g: np.ndarray, state: np.ndarray, t: int, lr: float, scratch: np.ndarray
     ) -> None:
         """:meth:`apply` as NumPy passes (the fallback without numba, and the reference)."""
 
@@ -472,7 +460,7 @@ class RMSProp(UpdateRule):
         alpha, one_minus_alpha, eps, lr_, wd = k.scalars(
             dt, self.alpha, 1.0 - self.alpha, self.eps, lr, self.weight_decay
         )
-        k.rmsprop(p, g, state[0], alpha, one_minus_alpha, eps, lr_, wd, bool(self.weight_decay))
+        k.square_average(p, g, state[0], alpha, one_minus_alpha, eps, lr_, wd, bool(self.weight_decay))
 
     def apply_numpy(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
         v = state[0]
@@ -496,8 +484,9 @@ class Adagrad(UpdateRule):
     scratch_slots: ClassVar[int] = 2
 
     def apply_fused(self, k, dt, p, g, state, t, lr):  # type: ignore[no-untyped-def]
-        eps, lr_, wd = k.scalars(dt, self.eps, lr, self.weight_decay)
-        k.adagrad(p, g, state[0], eps, lr_, wd, bool(self.weight_decay))
+        one, eps, lr_, wd = k.scalars(dt, 1.0, self.eps, lr, self.weight_decay)
+        # RMSprop's pass with both weights 1: the sum of squares grows by g * g.
+        k.square_average(p, g, state[0], one, one, eps, lr_, wd, bool(self.weight_decay))
 
     def apply_numpy(self, p, g, state, t, lr, scratch):  # type: ignore[no-untyped-def]
         s = state[0]

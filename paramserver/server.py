@@ -67,9 +67,13 @@ FAST_POLL_SECONDS = 0.005
 """Polling interval when evaluations are due every so many updates."""
 METRICS_EVERY = 0.5
 DIVERGED_STEPS, DIVERGED_RATIO = 100, 10
+"""A run has diverged once this many steps, and this many times the finite ones, were
+non-finite (a worker with a bad batch now and then is not a diverged run)."""
 SCAN_DUTY = 100
 """The divergence check scans the parameters at most once per ``SCAN_DUTY`` times its own
 duration: at most 1% of one core."""
+TRAIN_EVAL_SAMPLES = 2048
+"""Training samples the server scores for ``target_train_accuracy``."""
 
 
 def params_finite(params: np.ndarray) -> bool:
@@ -77,10 +81,6 @@ def params_finite(params: np.ndarray) -> bool:
     overflow (a sum can), and they need no compiled kernel (the server loads no numba:
     0.3-0.5 s of a core that the workers would lose). 32M float32: about 8 ms."""
     return params.size == 0 or bool(np.isfinite(params.max()) and np.isfinite(params.min()))
-"""A run has diverged once this many steps, and this many times the finite ones, were
-non-finite (a worker with a bad batch now and then is not a diverged run)."""
-TRAIN_EVAL_SAMPLES = 2048
-"""Training samples the server scores for ``target_train_accuracy``."""
 
 
 class Job(ABC):
