@@ -43,6 +43,23 @@ def test_bench_cli_writes_json_markdown_and_plots(tmp_path):
     assert (tmp_path / "sparse-speedup.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a local Ray instance and 16 short runs: about 70 s on 2 cores
+def test_cluster_suite_measures_both_tasks(tmp_path):
+    pytest.importorskip("ray")
+    cmd = [sys.executable, "-m", "paramserver.benchmarks", "--quick", "--suites", "cluster",
+           "--out-dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]["cluster"]
+    for task in ("digits", "synthetic"):
+        mine = [r for r in rows if r["task"] == task]
+        assert {r["contender"] for r in mine} == {"1x2", "2x1/1", "2x1/10", "2x1/100"}, task
+        assert all(r["samples_per_s"] > 0 for r in mine)
+        assert all(r["syncs"] > 0 for r in mine if r["contender"] != "1x2")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "digits: NumPy MLP" in summary and "synthetic: NumPy MLP" in summary
+
+
 def test_bad_bench_options_are_rejected():
     with pytest.raises(ValueError, match="unknown suites"):
         BenchConfig(suites="throughput,warp")
