@@ -174,6 +174,22 @@ def test_a_worker_sorts_row_gradients_only_where_the_update_needs_it(policy, opt
     assert not np.array_equal(table, init[: TOKENS * 8]), "the table was not updated"
 
 
+def test_a_row_gradient_is_taken_as_given_or_refused_in_one_line():
+    from paramserver.workers.backends import ids_and_values
+
+    rows = ids_and_values(80, 4, np.array([3, 1, 3], np.int32), np.ones((3, 4), np.float32))
+    assert not rows.coalesced and rows.rows.dtype == np.int64 and rows.rows.tolist() == [3, 1, 3]
+    assert rows.offset == 80 and rows.values.shape == (3, 4)
+    flat = ids_and_values(0, 4, [2], np.ones(4, np.float32))  # one row, given flat
+    assert flat.values.shape == (1, 4)
+    with pytest.raises(TypeError, match="row ids must be integers, got float64"):
+        ids_and_values(0, 4, np.array([2.7]), np.ones((1, 4), np.float32))
+    with pytest.raises(ValueError, match="one row of 4 values per id"):
+        ids_and_values(0, 4, np.array([1, 2]), np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match="1-D ids"):
+        ids_and_values(0, 4, np.array([[1, 2]]), np.ones((2, 4), np.float32))
+
+
 @pytest.mark.parametrize("policy", ["po1", "po2", "striped"])
 def test_locking_policies_lose_no_row_update_when_rows_collide(policy):
     workers, steps = 2, 100

@@ -362,6 +362,9 @@ def torch_rows(grad: Any) -> tuple[np.ndarray, np.ndarray]:
 def ids_and_values(offset: int, dim: int, ids: Any, values: Any) -> SparseRows:
     """An uncoalesced row gradient of the table at ``offset`` (rows of ``dim``): int64 ids
     (one per row of ``values``, any order, repeats allowed) and their gradients."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":  # a cast would truncate 2.7 to row 2 without a word
+        raise TypeError(f"row ids must be integers, got {ids.dtype}")
     ids = np.ascontiguousarray(ids, np.int64)
     values = np.ascontiguousarray(values)
     if ids.ndim != 1 or values.size != ids.size * dim:
