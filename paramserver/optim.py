@@ -79,14 +79,20 @@ _EXPONENT_BITS = {
 """The unsigned type of each kernel dtype's width, and the mask of its exponent bits."""
 
 
+def _bits(values: np.ndarray) -> tuple[np.ndarray, np.unsignedinteger]:
+    """A C-contiguous float32/float64 array as the 1-D unsigned integers of its bits, and
+    the mask of its exponent bits (what :func:`paramserver.kernels.all_finite` takes)."""
+    unsigned, exponent = _EXPONENT_BITS[values.dtype]
+    return values.reshape(-1).view(unsigned), exponent
+
+
 def finite_check(values: np.ndarray) -> Callable[[], bool]:
     """``values_finite(values)`` as a call with nothing left to look up: for an array
     checked every step (a worker's dense gradient), whose own microseconds count."""
     k = _kernels()
     if k is None or values.dtype not in _KERNEL_DTYPES or not values.flags.c_contiguous:
         return lambda: values_finite(values)
-    unsigned, exponent = _EXPONENT_BITS[values.dtype]
-    bits, kernel = values.reshape(-1).view(unsigned), k.all_finite
+    (bits, exponent), kernel = _bits(values), k.all_finite
     return lambda: kernel(bits, exponent)
 
 
@@ -96,8 +102,7 @@ def values_finite(values: np.ndarray) -> bool:
     values = np.ascontiguousarray(values)
     if k is None or values.dtype not in _KERNEL_DTYPES:
         return bool(np.isfinite(values).all())
-    unsigned, exponent = _EXPONENT_BITS[values.dtype]
-    return bool(k.all_finite(values.reshape(-1).view(unsigned), exponent))
+    return bool(k.all_finite(*_bits(values)))
 
 
 _ROWS_OUT_OF_RANGE = "rows must lie in [0, rows of the table)"
@@ -546,7 +551,7 @@ class Updater:
         # A kernel call costs microseconds of dispatch, and its one pass gains nothing from
         # blocks, so a fused rule gets each range in one call (where the arrays let it fuse).
         self.whole_ranges = rule.fused and _fusable(params, grad, state) is not None
-        self._dtype = params.dtype
+        self._kernels, self._dtype = _kernels(), params.dtype  # looked up once, not per call
         self.t = 1
         self.lr = lr
 
@@ -554,7 +559,7 @@ class Updater:
         if self.whole_ranges:  # one kernel call; the dtypes were checked once, above
             state = self.state
             self.rule.apply_fused(
-                _kernels(), self._dtype, self.params[a:b], self.grad[a:b], state[:, a:b], self.t, self.lr
+                self._kernels, self._dtype, self.params[a:b], self.grad[a:b], state[:, a:b], self.t, self.lr
             )
             return
         rule, p, g, state, scratch, t, lr = (
