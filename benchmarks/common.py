@@ -21,9 +21,9 @@ from paramserver.machine import machine_info, usable_cores
 
 SUITES = ("throughput", "overhead", "memory", "tta", "sparse")
 """The default suites (a full run of them takes about 15 minutes on 2 cores)."""
-EXTRA_SUITES = ("asynchrony", "rl", "tf", "rules", "cluster", "startup")
-"""Run only when named (--suites asynchrony,rl,tf,rules,cluster,startup): they take minutes of their
-own (cluster also needs the ray extra)."""
+EXTRA_SUITES = ("asynchrony", "rl", "tf", "rules", "cluster", "startup", "versions")
+"""Run only when named (--suites asynchrony,rl,tf,rules,cluster,startup,versions): they take minutes
+of their own (cluster also needs the ray extra, versions a checkout to compare with: --against)."""
 SUITE_MODULES = {"tf": "tf_throughput"}
 """Suites whose module is not named after them."""
 
@@ -48,6 +48,7 @@ class BenchConfig:
         "",
         "comma-separated throughput tasks among cnn, mlp, embedding (default: all; --quick: cnn, embedding)",
     )
+    against: str = _f("", "versions suite: a checkout of the revision to compare this one with")
     out_dir: str = _f("bench-results", "directory for results.json, summary.md and the plots")
     seed: int = _f(0, "random seed")
 

@@ -1,0 +1,129 @@
+"""This code against another revision of paramserver, interleaved in one run: did a change cost throughput?
+
+    git worktree add /tmp/before 1896020
+    python -m paramserver.benchmarks --suites versions --against /tmp/before --tasks cnn,mlp --workers 1,2
+
+Each measurement is one ``paramserver.train`` call (po3, the throughput suite's task,
+model and SGD, ``--seconds`` of training, its ``samples_per_second``: first step to
+last, under the server's own watch loop) in a fresh interpreter. The two revisions
+alternate, and which goes first flips every repeat, so that a drift of the machine
+hits both. The other revision is imported from a copy of its folders arranged as the
+installed package (``paramserver/`` with ``workers/``, ``models/`` and
+``benchmarks/`` inside it), made in a temporary directory and removed afterwards; it
+needs only what this one's environment has. Reported per task and worker count: the
+median samples/s of each and the median of the per-repeat ratios (this / other).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from .common import BenchConfig, Report, median
+
+TASKS = ("cnn", "mlp")
+RUN_TIMEOUT = 300.0
+PACKAGES = {"paramserver": "paramserver", "workers": "paramserver/workers",
+            "models": "paramserver/models", "benchmarks": "paramserver/benchmarks"}  # fmt: skip
+"""Folder of a checkout -> its place in the installed package (setup.cfg's package_dir)."""
+
+# One measurement, run by each revision's interpreter: public names only, and the same
+# data and model whatever the revision (digits straight from scikit-learn).
+CHILD = """
+import json, sys
+import numpy as np
+import torch
+import paramserver as ps
+from paramserver.models.torch_models import MLP, HogwildNet
+
+def main():
+    task, workers, seconds, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+    if task == "cnn":  # MNIST-shaped, as the throughput suite's
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((6400, 1, 28, 28), dtype=np.float32)
+        y = rng.integers(0, 10, len(x)).astype(np.int64)
+    else:
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    torch.manual_seed(0)
+    model = HogwildNet() if task == "cnn" else MLP(64, 10, hidden=64)
+    config = ps.TrainConfig(workers=workers, policy="po3", batch_size=64, lr=0.01, momentum=0.5,
+                            epochs=10**6, max_seconds=seconds, seed=seed, out_dir="", progress=False)
+    result = ps.train(model, (x, y), config)
+    print(json.dumps({"samples_per_s": result.samples_per_second, "file": ps.__file__}))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def stage(checkout: str, into: str) -> str:
+    """Arrange ``checkout``'s folders as the installed package under ``into``; return ``into``."""
+    if not os.path.isfile(os.path.join(checkout, "paramserver", "__init__.py")):
+        raise ValueError(f"--against {checkout!r} is not a paramserver checkout (no paramserver/__init__.py)")
+    for folder, place in PACKAGES.items():
+        src = os.path.join(checkout, folder)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(into, place), ignore=shutil.ignore_patterns("__pycache__"))
+    return into
+
+
+def measure(path: str | None, task: str, workers: int, seconds: float, seed: int) -> dict[str, Any]:
+    """One ``paramserver.train`` in a fresh interpreter; ``path``: the staged other revision
+    (None: this one)."""
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory() as cwd:  # not the checkout: its paramserver/ would shadow both
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, task, str(workers), str(seconds), str(seed)],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
+        )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"a {task} run with {workers} workers failed:\n{out.stderr[-2000:]}")
+    row: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = path if path is not None else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert row.pop("file").startswith(expected), f"the run imported the wrong paramserver ({path=})"
+    return row
+
+
+def run(cfg: BenchConfig, report: Report) -> None:
+    if not cfg.against:
+        raise ValueError("the versions suite needs --against DIR, a checkout of the revision to compare with")
+    tasks = [t for t in cfg.task_list if t in TASKS] if cfg.tasks else list(TASKS)
+    counts = cfg.worker_counts if cfg.workers else [1, 2]
+    with tempfile.TemporaryDirectory() as tmp:
+        other = stage(os.path.abspath(cfg.against), tmp)
+        for rep in range(cfg.n_repeats):
+            order: list[tuple[str, str | None]] = [("this", None), ("other", other)]
+            if rep % 2:
+                order.reverse()
+            for task in tasks:
+                for w in counts:
+                    for name, path in order:
+                        row = measure(path, task, w, cfg.seconds, cfg.seed + rep)
+                        report.add("versions", {"task": task, "workers": w, "revision": name, "repeat": rep,
+                                                **row})  # fmt: skip
+    rows = report.rows["versions"]
+    table = []
+    for task in tasks:
+        for w in counts:
+            mine, theirs = ({r["repeat"]: r["samples_per_s"] for r in rows
+                             if (r["task"], r["workers"], r["revision"]) == (task, w, name)}
+                            for name in ("this", "other"))  # fmt: skip
+            ratios = [mine[k] / theirs[k] for k in mine]
+            table.append([task, w, median(list(mine.values())), median(list(theirs.values())), median(ratios),
+                          min(ratios), max(ratios)])  # fmt: skip
+    report.table("versions", ["task", "workers", "this samples/s", "other samples/s", "ratio (median)",
+                              "ratio min", "ratio max"], table)  # fmt: skip
+    report.note(
+        "versions",
+        f"this revision against {cfg.against}: po3, {cfg.seconds:g} s of training per run, {cfg.n_repeats} "
+        "interleaved repeats (the order flips each repeat); ratio = this / other per repeat",
+    )
