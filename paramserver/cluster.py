@@ -66,13 +66,27 @@ from .supervise import run_span, take_early_signal
 
 RAY_MISSING = "the cluster needs Ray: pip install 'paramserver[ray]'"
 POLL_SECONDS = 0.0005
-"""How often a node's sync thread reads the update count: a callback a few times
-a second is too slow for syncs every 1-10 updates."""
+"""The shortest wait of a node's sync thread between two reads of the update count: a
+callback a few times a second is too slow for syncs every 1-10 updates."""
+MAX_POLL_SECONDS = 0.01
+"""The longest wait (also while no update has been made yet)."""
 DRIVER_POLL_SECONDS = 0.05
 RESEED_WAIT = 5.0
 """Seconds a starting node waits for another node to re-seed a restarted shard."""
 STOP_TIMEOUT = 60.0
 """Seconds the nodes get to stop and report once told to, before they are killed."""
+
+
+def poll_wait(remaining: int, rate: float, until_deadline: float | None = None) -> float:
+    """How long a sync thread sleeps before it reads the update count again: half the time
+    that ``remaining`` updates take at ``rate`` updates/s (so it wakes close to the count
+    without overshooting by much), and no later than ``until_deadline`` seconds
+    (``sync_seconds``), within [POLL_SECONDS, MAX_POLL_SECONDS]: waking every POLL_SECONDS
+    whatever the rate costs CPU that the node's workers need."""
+    wait = 0.5 * remaining / rate if rate > 0 else MAX_POLL_SECONDS
+    if until_deadline is not None:
+        wait = min(wait, until_deadline)
+    return min(max(wait, POLL_SECONDS), MAX_POLL_SECONDS)
 
 
 def _model_spec(model: Any, loss: Any, seed: int, data: Dataset) -> tuple[Any, Layout, np.ndarray]:
@@ -320,16 +334,19 @@ class _NodeAgent:
         cc = self.plan.cluster
         store = server.store
         next_at = cc.sync_every
-        last = time.monotonic()
-        while not done.wait(POLL_SECONDS):
-            v = store.version()
-            overdue = (
-                cc.sync_seconds and v > self._synced_version and time.monotonic() - last >= cc.sync_seconds
-            )
+        last = seen_at = time.monotonic()
+        seen = store.version()
+        wait = POLL_SECONDS
+        while not done.wait(wait):
+            v, now = store.version(), time.monotonic()
+            overdue = cc.sync_seconds and v > self._synced_version and now - last >= cc.sync_seconds
             if v >= next_at or overdue:
                 self._sync(server)
                 next_at = (v // cc.sync_every + 1) * cc.sync_every
                 last = time.monotonic()
+            rate = (v - seen) / max(now - seen_at, 1e-9)
+            seen, seen_at = v, now
+            wait = poll_wait(next_at - v, rate, last + cc.sync_seconds - now if cc.sync_seconds else None)
 
     def _sync(self, server: ParameterServer) -> None:
         import ray

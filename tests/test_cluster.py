@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 import paramserver as ps
-from paramserver.cluster import RAY_MISSING, ClusterConfig, train_cluster
+from paramserver.cluster import (
+    MAX_POLL_SECONDS,
+    POLL_SECONDS,
+    RAY_MISSING,
+    ClusterConfig,
+    poll_wait,
+    train_cluster,
+)
 from paramserver.models.numpy_models import NumpyMLP, NumpyModel
 
 ray = pytest.importorskip("ray")
@@ -128,6 +135,27 @@ def test_missing_ray_names_the_extra():
     proc = run_cli("--cluster", "local", code=code)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"paramserver: error: {RAY_MISSING}"
+
+
+def test_the_sync_thread_sleeps_by_the_update_rate():
+    assert poll_wait(20, 1000.0) == pytest.approx(0.01)  # half the 0.02 s of 20 updates at 1000/s
+    assert poll_wait(4, 1000.0) == pytest.approx(0.002)
+    assert poll_wait(1, 1e6) == POLL_SECONDS  # never busier than the floor
+    assert poll_wait(-3, 1000.0) == POLL_SECONDS  # already due (updates made during a sync)
+    assert poll_wait(10, 0.0) == MAX_POLL_SECONDS  # no update yet: the ceiling
+    assert poll_wait(10**6, 10.0) == MAX_POLL_SECONDS
+    assert poll_wait(100, 1000.0, until_deadline=0.003) == pytest.approx(0.003)  # sync_seconds
+    assert poll_wait(100, 1000.0, until_deadline=-1.0) == POLL_SECONDS
+
+
+def test_a_node_syncs_about_every_sync_every_updates(local_ray, digits):
+    # Not more often than every sync_every updates (the thread wakes before the count by
+    # the rate), and not much less often: each sync's count is at most one round trip late.
+    cc = ClusterConfig(cluster="local", nodes=1, sync_every=25)
+    result = train_cluster(mlp(digits), digits, config(steps=1000, epochs=1000), cc)
+    (node,) = result.nodes
+    assert node["updates"] == 1000
+    assert 1000 // 25 // 4 <= node["syncs"] <= 1000 // 25 + 1, node
 
 
 # -- training ------------------------------------------------------------------------
