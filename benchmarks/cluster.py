@@ -8,11 +8,16 @@ Contenders, side by side in one run, each on the same number of cores:
 worker each (each node its own segment and core), downpour syncs every K local
 updates, K in 1, 10, 100. The tasks: the NumPy MLP (64 hidden) on digits (target
 97% test accuracy), and on the tta suite's larger synthetic task (40,000 samples of
-100 features, 10 classes of a linear teacher; target 80%); po3, SGD lr 0.05
-momentum 0.9, batch 32. Per run: samples/s and test accuracy after a fixed
-training time; in a second run, the seconds from the first step to the target
-(evaluated every 0.05 s). For the cluster runs also the bytes each node sent
-and received per second and the measured seconds per sync.
+100 features, 10 classes of a linear teacher; target 80%), SGD lr 0.05; and the
+PyTorch CNN of ``paramserver train --model cnn`` on digits (``digits-cnn``, target
+97%; a step of about 0.7 ms against the MLP's 0.08 ms), SGD lr 0.01 (at 0.05 the
+sum of two nodes' deltas drove it to chance accuracy); po3, momentum 0.9, batch 32.
+Per run: samples/s and test accuracy after a fixed training time; in a second
+run, the seconds from the first step to the target (evaluated every 0.05 s). For
+the cluster runs also the bytes each node sent and received per second and the
+measured seconds per sync. Then, on digits, where the CPU goes: each contender
+once more while every process's CPU time is sampled (workers, node agents, shards,
+Ray's own processes, the driver), as shares of the machine's cores.
 
 The bandwidth model: a sync moves 4P bytes up and 4P down (P float32
 parameters), so a node making r updates/s with period K needs 8P r / K bytes/s.
@@ -20,13 +25,22 @@ parameters), so a node making r updates/s with period K needs 8P r / K bytes/s.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+import os
+import threading
+import time
 from typing import Any
+
+from paramserver.machine import usable_cores
 
 from .common import BenchConfig, Report, median
 
-TASKS = {"digits": 0.97, "synthetic": 0.80}
+TASKS = {"digits": 0.97, "synthetic": 0.80, "digits-cnn": 0.97}
 """Each task and the test accuracy whose time is measured."""
+LR = {"digits-cnn": 0.01}
+"""SGD's learning rate where it is not 0.05."""
 BUDGET_SECONDS = 20.0
 EVAL_EVERY = 0.05
 PERIODS = (1, 10, 100)
@@ -35,12 +49,15 @@ GOALS = {"samples_ratio": 0.9, "accuracy_points": 0.5}
 LINKS_GBIT = (1, 10, 100)
 MODEL_SIZES = {"this MLP": 0, "1M": 10**6, "ResNet-50": 25_600_000, "100M": 10**8}
 """Parameter counts for the bandwidth table (0: the benchmark's own model)."""
+ROLES = ("workers", "node agents", "shards", "Ray's processes", "driver", "other")
+"""Where the CPU goes, by process (``cpu_shares``)."""
+SAMPLE_SECONDS = 0.25
 
 
 def _config(seed: int, **kw: Any) -> Any:
     import paramserver as ps
 
-    base = dict(policy="po3", lr=0.05, momentum=0.9, batch_size=32, epochs=10**6, seed=seed,
+    base = dict(policy="po3", momentum=0.9, batch_size=32, epochs=10**6, seed=seed,
                 out_dir="", progress=False)  # fmt: skip
     return ps.TrainConfig(**{**base, **kw})
 
@@ -50,22 +67,36 @@ def task_data(task: str) -> Any:
 
     from .tta import task_dataset
 
-    return ps.load_digits() if task == "digits" else task_dataset(task, 0)
+    return task_dataset(task, 0) if task == "synthetic" else ps.load_digits()
+
+
+def task_model(task: str, data: Any) -> Any:
+    """The NumPy MLP (64 hidden), or for ``digits-cnn`` the CLI's torch CNN."""
+    from paramserver.models.numpy_models import NumpyMLP
+
+    if task != "digits-cnn":
+        return NumpyMLP(data.input_shape[0], data.classes, hidden=64)
+    import torch
+
+    from paramserver.models.torch_models import build
+
+    torch.manual_seed(0)
+    return build("cnn", data.input_shape, data.classes)
 
 
 def measure(contender: str, seed: int, *, seconds: float | None, task: str = "digits") -> dict[str, Any]:
     """One run: throughput for ``seconds`` of training, or (None) time to the task's target."""
     import paramserver as ps
     from paramserver.cluster import ClusterConfig, train_cluster
-    from paramserver.models.numpy_models import NumpyMLP
 
     data = task_data(task)
     target = TASKS[task]
-    model = NumpyMLP(data.input_shape[0], data.classes, hidden=64)
+    model = task_model(task, data)
     budget = (
         {"max_seconds": seconds} if seconds else {"max_seconds": BUDGET_SECONDS, "target_accuracy": target}
     )
     budget["eval_every"] = EVAL_EVERY
+    budget["lr"] = LR.get(task, 0.05)
     if contender == "1x2":
         result = ps.train(model, data, _config(seed, workers=2, **budget))
         nodes: list[dict[str, Any]] = []
@@ -81,6 +112,10 @@ def measure(contender: str, seed: int, *, seconds: float | None, task: str = "di
     if not seconds:
         reached = [e["t"] for e in result.evaluations if (e.get("test_accuracy") or 0) >= target]
         row["seconds_to_target"] = reached[0] if reached else math.nan
+    # Each node's samples over its own first-to-last step, summed: the rate while the nodes
+    # run, without the seconds in which one node had started and the other not yet (each
+    # node has its own start barrier; one machine's workers share one).
+    row["node_samples_per_s"] = sum(n["samples_per_second"] for n in nodes) if nodes else row["samples_per_s"]
     if nodes:
         secs = max(result.train_seconds, 1e-9)
         row["bytes_per_s_per_node"] = median([(n["bytes_sent"] + n["bytes_received"]) / secs for n in nodes])
@@ -88,6 +123,106 @@ def measure(contender: str, seed: int, *, seconds: float | None, task: str = "di
         row["seconds_per_sync"] = sum(n["sync_seconds"] for n in nodes) / max(1, row["syncs"])
         row["staleness_mean"] = median([n["staleness_mean"] for n in nodes])
     return row
+
+
+def _role(pid: int, cmdline: str) -> str:
+    if pid == os.getpid():
+        return "driver"
+    for mark, role in (("ray::_NodeAgent", "node agents"), ("ray::_Shard", "shards")):
+        if mark in cmdline:
+            return role
+    if "multiprocessing" in cmdline:  # the workers (a forkserver or tracker sits idle)
+        return "workers"
+    return "Ray's processes" if "ray" in cmdline else "other"
+
+
+def cpu_shares(contender: str, seed: int, seconds: float) -> dict[str, Any]:
+    """One digits throughput run of ``contender`` while a thread samples every process's CPU
+    time: each role's share of the machine's cores (percent) over the samples in which the
+    workers trained (the first and last such are left out: start-up and shutdown)."""
+    import psutil
+
+    samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            now, seen = time.perf_counter(), {}
+            for p in psutil.process_iter():
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    seen[p.pid] = (_role(p.pid, " ".join(p.cmdline())), t.user + t.system)
+            samples.append((now, seen))
+            done.wait(SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        row = measure(contender, seed, seconds=seconds, task="digits")
+    finally:
+        done.set()
+        sampler.join(timeout=10)
+    spans = []  # (seconds, {role: cpu seconds}) per sampling interval
+    for (t0, a), (t1, b) in itertools.pairwise(samples):
+        used: dict[str, float] = {}
+        for pid, (role, cpu) in b.items():
+            if pid in a:
+                used[role] = used.get(role, 0.0) + cpu - a[pid][1]
+        spans.append((t1 - t0, used))
+    training = [s for s in spans if s[1].get("workers", 0.0) >= 0.3 * s[0]][1:-1]
+    wall = sum(dt for dt, _ in training)
+    cores = len(usable_cores())
+    shares = {role: 100 * sum(u.get(role, 0.0) for _, u in training) / (wall * cores) for role in ROLES}
+    return {"contender": contender, "window_s": wall, "syncs": row.get("syncs", 0),
+            "train_seconds": row["train_seconds"], **shares}  # fmt: skip
+
+
+class _Echo:
+    """An actor that does what a shard does per sync (add a payload, return its values)."""
+
+    def __init__(self, size: int):
+        import numpy as np
+
+        self.values = np.zeros(size, np.float32)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def noop(self) -> None:
+        return None
+
+    def push_pull(self, node: int, payload: Any, updates: int) -> tuple[Any, int]:
+        self.values += payload
+        return self.values, 0
+
+
+def ray_call_cost(size: int, calls: int = 1000) -> list[dict[str, Any]]:
+    """Wall and CPU time of one Ray actor call here, the caller's and the actor's apart: a
+    no-op, and a push and pull of ``size`` float32 (what a node sends one shard per sync)."""
+    import numpy as np
+    import psutil
+    import ray
+
+    actor = ray.remote(_Echo).options(num_cpus=0).remote(size)
+    try:
+        proc = psutil.Process(ray.get(actor.pid.remote()))
+        payload = np.ones(size, np.float32)
+        out = []
+        kinds = {"no-op": lambda: actor.noop.remote(),
+                 f"push_pull of {size:,} float32": lambda: actor.push_pull.remote(0, payload, 1)}  # fmt: skip
+        for name, call in kinds.items():
+            for _ in range(calls // 10):  # warm-up
+                ray.get(call())
+            t, c, a = time.perf_counter(), time.process_time(), sum(proc.cpu_times()[:2])
+            for _ in range(calls):
+                ray.get(call())
+            n = calls / 1e6  # microseconds per call
+            out.append({"call": name, "wall_us": (time.perf_counter() - t) / n,
+                        "caller_cpu_us": (time.process_time() - c) / n,
+                        "actor_cpu_us": (sum(proc.cpu_times()[:2]) - a) / n})  # fmt: skip
+        return out
+    finally:
+        ray.kill(actor)
 
 
 def _median(rows: list[dict[str, Any]], contender: str, kind: str, key: str) -> float:
@@ -109,24 +244,28 @@ def _task_table(
     # Accuracy after the fixed training time: a run stopped at the target has its nodes'
     # last deltas added after the check, so its final accuracy says little.
     base_acc = med("1x2", "throughput", "accuracy")
-    header = ["contender", "samples/s", "vs 1x2", f"s to {target:.0%}", "accuracy", "bytes/s per node",
-              "ms per sync"]  # fmt: skip
+    header = ["contender", "samples/s", "vs 1x2", "sum of nodes' samples/s", "vs 1x2", f"s to {target:.0%}",
+              "accuracy", "bytes/s per node", "ms per sync"]  # fmt: skip
     table = []
     for c in contenders:
-        sps = med(c, "throughput", "samples_per_s")
-        table.append([c, sps, sps / base_sps, med(c, "tta", "seconds_to_target"),
-                      med(c, "throughput", "accuracy"), med(c, "throughput", "bytes_per_s_per_node"),
+        sps, nodes_sps = med(c, "throughput", "samples_per_s"), med(c, "throughput", "node_samples_per_s")
+        table.append([c, sps, sps / base_sps, nodes_sps, nodes_sps / base_sps,
+                      med(c, "tta", "seconds_to_target"), med(c, "throughput", "accuracy"),
+                      med(c, "throughput", "bytes_per_s_per_node"),
                       1000 * med(c, "throughput", "seconds_per_sync")])  # fmt: skip
     report.table("cluster", header, table)
     ratio = med("2x1/10", "throughput", "samples_per_s") / base_sps
+    steady = med("2x1/10", "throughput", "node_samples_per_s") / base_sps
     gap = 100 * (base_acc - med("2x1/10", "throughput", "accuracy"))
     met = ratio >= GOALS["samples_ratio"] and gap <= GOALS["accuracy_points"]
     report.note(
         "cluster",
-        f"{task}: NumPy MLP (64 hidden), po3, SGD lr 0.05 momentum 0.9, batch 32, 2 cores; samples/s "
+        f"{task}: {'torch CNN' if task == 'digits-cnn' else 'NumPy MLP (64 hidden)'}, po3, SGD lr "
+        f"{LR.get(task, 0.05)} momentum 0.9, batch 32, 2 cores; samples/s "
         f"and test accuracy after {seconds:.0f} s of training; medians of {cfg.n_repeats} run(s). Target "
         f"(2 nodes at period 10 >= {GOALS['samples_ratio']}x the samples/s of 1x2, accuracy within "
-        f"{GOALS['accuracy_points']} point): {'met' if met else 'missed'} ({ratio:.2f}x, {gap:+.2f} points)",
+        f"{GOALS['accuracy_points']} point): {'met' if met else 'missed'} ({ratio:.2f}x, {gap:+.2f} points; "
+        f"the sum of the nodes' own rates: {steady:.2f}x)",
     )
 
 
@@ -145,16 +284,38 @@ def run(cfg: BenchConfig, report: Report) -> None:
                 for contender in contenders:  # interleaved, so drifts of the machine hit every contender
                     report.add("cluster", measure(contender, cfg.seed + rep, seconds=seconds, task=task))
                     report.add("cluster", measure(contender, cfg.seed + rep, seconds=None, task=task))
+        # Where the CPU goes on digits: one more run of each contender, its processes sampled.
+        cpu_rows = [cpu_shares(c, cfg.seed, seconds) for c in contenders]
+        # Ray's own cost per call, with nothing training: the floor of a sync's cost.
+        here = ps.Layout.from_arrays(NumpyMLP(64, 10, hidden=64).init(np.random.default_rng(0))).num_params
+        calls = ray_call_cost(-(-here // 2))  # one of 2 shards' slice
     rows = report.rows["cluster"]
     for task, target in TASKS.items():
         _task_table(report, [r for r in rows if r["task"] == task], task, target, seconds, cfg)
     digits = [r for r in rows if r["task"] == "digits"]
 
+    for r in cpu_rows:
+        report.add("cluster_cpu", r)
+    report.table("cluster", ["contender (digits, % of all cores)", *ROLES],
+                 [[r["contender"], *[r[k] for k in ROLES]] for r in cpu_rows])  # fmt: skip
+    for r in calls:
+        report.add("cluster_calls", r)
+    report.table("cluster", ["Ray actor call (nothing training)", "wall us", "caller CPU us", "actor CPU us"],
+                 [[r["call"], r["wall_us"], r["caller_cpu_us"], r["actor_cpu_us"]]
+                  for r in calls])  # fmt: skip
+    for r in cpu_rows:
+        if r["syncs"]:
+            per_sync = (r["node agents"] + r["shards"]) / 100 * len(usable_cores()) * r["train_seconds"]
+            report.note(
+                "cluster",
+                f"{r['contender']}: node agents and shards used {1000 * per_sync / r['syncs']:.2f} ms of CPU "
+                f"per sync ({r['syncs']} syncs in {r['train_seconds']:.1f} s)",
+            )
+
     def med(contender: str, kind: str, key: str) -> float:
         return _median(digits, contender, kind, key)
 
     # The bandwidth model: wire time per sync, against which K steps of compute must last.
-    here = ps.Layout.from_arrays(NumpyMLP(64, 10, hidden=64).init(np.random.default_rng(0))).num_params
     sync_ms = 1000 * med("2x1/10", "throughput", "seconds_per_sync")
     header = ["parameters", "MB per sync (up+down)"] + [f"wire ms at {g} GbE" for g in LINKS_GBIT]
     bw_rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -43,21 +44,70 @@ def test_bench_cli_writes_json_markdown_and_plots(tmp_path):
     assert (tmp_path / "sparse-speedup.png").stat().st_size > 0
 
 
-@pytest.mark.slow  # a local Ray instance and 16 short runs: about 70 s on 2 cores
-def test_cluster_suite_measures_both_tasks(tmp_path):
+@pytest.mark.slow  # a local Ray instance and 28 short runs: about 2 minutes on 2 cores
+def test_cluster_suite_measures_every_task_and_where_the_cpu_goes(tmp_path):
     pytest.importorskip("ray")
     cmd = [sys.executable, "-m", "paramserver.benchmarks", "--quick", "--suites", "cluster",
            "--out-dir", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]["cluster"]
-    for task in ("digits", "synthetic"):
+    for task in ("digits", "synthetic", "digits-cnn"):
         mine = [r for r in rows if r["task"] == task]
         assert {r["contender"] for r in mine} == {"1x2", "2x1/1", "2x1/10", "2x1/100"}, task
-        assert all(r["samples_per_s"] > 0 for r in mine)
+        assert all(r["samples_per_s"] > 0 and r["node_samples_per_s"] > 0 for r in mine)
         assert all(r["syncs"] > 0 for r in mine if r["contender"] != "1x2")
     summary = (tmp_path / "summary.md").read_text()
     assert "digits: NumPy MLP" in summary and "synthetic: NumPy MLP" in summary
+    assert "digits-cnn: torch CNN" in summary
+    doc = json.loads((tmp_path / "results.json").read_text())["rows"]
+    cpu = {r["contender"]: r for r in doc["cluster_cpu"]}
+    assert set(cpu) == {"1x2", "2x1/1", "2x1/10", "2x1/100"}
+    assert all(r["workers"] > 0 and r["window_s"] > 0 for r in cpu.values())
+    assert cpu["1x2"]["shards"] == 0 and cpu["2x1/1"]["shards"] > 0  # no shard without a cluster
+    assert [r["call"] for r in doc["cluster_calls"]][0] == "no-op"
+    assert all(r["wall_us"] > 0 and r["actor_cpu_us"] > 0 for r in doc["cluster_calls"])
+
+
+def test_versions_suite_needs_a_checkout(tmp_path):
+    from paramserver.benchmarks import versions
+    from paramserver.benchmarks.common import Report
+
+    cfg = BenchConfig(suites="versions", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="needs --against DIR"):
+        versions.run(cfg, Report(str(tmp_path), cfg))
+    with pytest.raises(ValueError, match="is not a paramserver checkout"):
+        versions.stage(str(tmp_path), str(tmp_path / "staged"))
+
+
+def test_versions_suite_stages_a_checkout_as_the_installed_package(tmp_path):
+    from paramserver.benchmarks import versions
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    staged = pathlib.Path(versions.stage(str(root), str(tmp_path)))
+    modules = ("api.py", "workers/worker.py", "models/torch_models.py", "benchmarks/versions.py")
+    for module in (f"paramserver/{m}" for m in modules):
+        assert (staged / module).is_file(), module
+    assert not list(staged.rglob("__pycache__"))
+
+
+@pytest.mark.slow  # 4 runs of paramserver.train in fresh interpreters: about 30 s on 2 cores
+def test_versions_suite_compares_this_checkout_with_a_copy_of_itself(tmp_path):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "paramserver.benchmarks", "--suites", "versions", "--against", str(root),
+           "--tasks", "mlp", "--workers", "1", "--repeats", "2", "--seconds", "0.5",
+           "--out-dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]["versions"]
+    assert sorted((r["revision"], r["repeat"]) for r in rows) == [
+        ("other", 0),
+        ("other", 1),
+        ("this", 0),
+        ("this", 1),
+    ]
+    assert all(r["samples_per_s"] > 0 for r in rows)
+    assert "| mlp | 1 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_bad_bench_options_are_rejected():
