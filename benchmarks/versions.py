@@ -63,6 +63,23 @@ if __name__ == "__main__":
 """
 
 
+def commit_of(path: str) -> str:
+    """The commit checked out at ``path`` (with "+changes" if its work tree differs), or "?"."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()  # fmt: skip
+
+    try:
+        head, dirty = (
+            git("rev-parse", "--short", "HEAD"),
+            git("status", "--porcelain", "--untracked-files=no"),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + ("+changes" if dirty else "")
+
+
 def stage(checkout: str, into: str) -> str:
     """Arrange ``checkout``'s folders as the installed package under ``into``; return ``into``."""
     if not os.path.isfile(os.path.join(checkout, "paramserver", "__init__.py")):
@@ -96,7 +113,9 @@ def measure(path: str | None, task: str, workers: int, seconds: float, seed: int
 def run(cfg: BenchConfig, report: Report) -> None:
     if not cfg.against:
         raise ValueError("the versions suite needs --against DIR, a checkout of the revision to compare with")
-    tasks = [t for t in cfg.task_list if t in TASKS] if cfg.tasks else list(TASKS)
+    tasks = cfg.task_list if cfg.tasks else list(TASKS)
+    if set(tasks) - set(TASKS):
+        raise ValueError(f"the versions suite runs the tasks {', '.join(TASKS)}; got --tasks {cfg.tasks}")
     counts = cfg.worker_counts if cfg.workers else [1, 2]
     with tempfile.TemporaryDirectory() as tmp:
         other = stage(os.path.abspath(cfg.against), tmp)
@@ -122,8 +141,10 @@ def run(cfg: BenchConfig, report: Report) -> None:
                           min(ratios), max(ratios)])  # fmt: skip
     report.table("versions", ["task", "workers", "this samples/s", "other samples/s", "ratio (median)",
                               "ratio min", "ratio max"], table)  # fmt: skip
+    here = commit_of(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     report.note(
         "versions",
-        f"this revision against {cfg.against}: po3, {cfg.seconds:g} s of training per run, {cfg.n_repeats} "
-        "interleaved repeats (the order flips each repeat); ratio = this / other per repeat",
+        f"this revision ({here}) against {cfg.against} ({commit_of(cfg.against)}): po3, {cfg.seconds:g} s of "
+        f"training per run, {cfg.n_repeats} interleaved repeats (the order flips each repeat); ratio = "
+        "this / other per repeat",
     )
