@@ -10,7 +10,7 @@ updates, K in 1, 10, 100. The tasks: the NumPy MLP (64 hidden) on digits (target
 97% test accuracy), and on the tta suite's larger synthetic task (40,000 samples of
 100 features, 10 classes of a linear teacher; target 80%), SGD lr 0.05; and the
 PyTorch CNN of ``paramserver train --model cnn`` on digits (``digits-cnn``, target
-97%; a step of about 0.7 ms against the MLP's 0.08 ms), SGD lr 0.01 (at 0.05 the
+97%; a step of about 0.8 ms against the MLP's 0.06-0.08 ms), SGD lr 0.01 (at 0.05 the
 sum of two nodes' deltas drove it to chance accuracy); po3, momentum 0.9, batch 32.
 Per run: samples/s and test accuracy after a fixed training time; in a second
 run, the seconds from the first step to the target (evaluated every 0.05 s). For
@@ -244,8 +244,8 @@ def _task_table(
     # Accuracy after the fixed training time: a run stopped at the target has its nodes'
     # last deltas added after the check, so its final accuracy says little.
     base_acc = med("1x2", "throughput", "accuracy")
-    header = ["contender", "samples/s", "vs 1x2", "sum of nodes' samples/s", "vs 1x2", f"s to {target:.0%}",
-              "accuracy", "bytes/s per node", "ms per sync"]  # fmt: skip
+    header = [f"{task}: contender", "samples/s", "vs 1x2", "sum of nodes' samples/s", "vs 1x2",
+              f"s to {target:.0%}", "accuracy", "bytes/s per node", "ms per sync"]  # fmt: skip
     table = []
     for c in contenders:
         sps, nodes_sps = med(c, "throughput", "samples_per_s"), med(c, "throughput", "node_samples_per_s")
