@@ -77,16 +77,40 @@ STOP_TIMEOUT = 60.0
 """Seconds the nodes get to stop and report once told to, before they are killed."""
 
 
-def poll_wait(remaining: int, rate: float, until_deadline: float | None = None) -> float:
-    """How long a sync thread sleeps before it reads the update count again: half the time
-    that ``remaining`` updates take at ``rate`` updates/s (so it wakes close to the count
-    without overshooting by much), and no later than ``until_deadline`` seconds
-    (``sync_seconds``), within [POLL_SECONDS, MAX_POLL_SECONDS]: waking every POLL_SECONDS
-    whatever the rate costs CPU that the node's workers need."""
-    wait = 0.5 * remaining / rate if rate > 0 else MAX_POLL_SECONDS
-    if until_deadline is not None:
-        wait = min(wait, until_deadline)
-    return min(max(wait, POLL_SECONDS), MAX_POLL_SECONDS)
+class SyncSchedule:
+    """When a node's sync thread syncs, and how long it sleeps between two reads of the
+    update count: a sync each time the count passes a multiple of ``every``, or ``seconds``
+    after the last one if an update has been made since. The thread wakes after half the
+    time the remaining updates take at the last measured rate (measured between the last
+    two reads that saw new updates, so a read that saw none keeps it), within
+    [POLL_SECONDS, MAX_POLL_SECONDS]: waking every POLL_SECONDS whatever the rate took 4% of
+    a core per idle node."""
+
+    def __init__(self, every: int, seconds: float, version: int, now: float):
+        self.every, self.seconds = every, seconds
+        self.rate = 0.0
+        self.seen, self.seen_at = version, now
+        self.synced(version, now)
+
+    def synced(self, version: int, now: float) -> None:
+        """A sync that sent ``version`` ended at ``now``."""
+        self.sent, self.last = version, now
+        self.next_at = (version // self.every + 1) * self.every
+
+    def due(self, version: int, now: float) -> bool:
+        if version >= self.next_at:
+            return True
+        return bool(self.seconds) and version > self.sent and now - self.last >= self.seconds
+
+    def wait(self, version: int, now: float) -> float:
+        """Seconds to sleep before the next read of the update count."""
+        if version > self.seen and now > self.seen_at:
+            self.rate = (version - self.seen) / (now - self.seen_at)
+            self.seen, self.seen_at = version, now
+        wait = 0.5 * (self.next_at - version) / self.rate if self.rate > 0 else MAX_POLL_SECONDS
+        if self.seconds and version > self.sent:
+            wait = min(wait, self.last + self.seconds - now)
+        return min(max(wait, POLL_SECONDS), MAX_POLL_SECONDS)
 
 
 def _model_spec(model: Any, loss: Any, seed: int, data: Dataset) -> tuple[Any, Layout, np.ndarray]:
@@ -333,20 +357,13 @@ class _NodeAgent:
     def _sync_until(self, server: ParameterServer, done: threading.Event) -> None:
         cc = self.plan.cluster
         store = server.store
-        next_at = cc.sync_every
-        last = seen_at = time.monotonic()
-        seen = store.version()
+        schedule = SyncSchedule(cc.sync_every, cc.sync_seconds, store.version(), time.monotonic())
         wait = POLL_SECONDS
         while not done.wait(wait):
-            v, now = store.version(), time.monotonic()
-            overdue = cc.sync_seconds and v > self._synced_version and now - last >= cc.sync_seconds
-            if v >= next_at or overdue:
+            if schedule.due(store.version(), time.monotonic()):
                 self._sync(server)
-                next_at = (v // cc.sync_every + 1) * cc.sync_every
-                last = time.monotonic()
-            rate = (v - seen) / max(now - seen_at, 1e-9)
-            seen, seen_at = v, now
-            wait = poll_wait(next_at - v, rate, last + cc.sync_seconds - now if cc.sync_seconds else None)
+                schedule.synced(self._synced_version, time.monotonic())
+            wait = schedule.wait(store.version(), time.monotonic())
 
     def _sync(self, server: ParameterServer) -> None:
         import ray

@@ -6,6 +6,7 @@ test stops what it started, and the module's fixture shuts Ray down.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import signal
@@ -21,7 +22,7 @@ from paramserver.cluster import (
     POLL_SECONDS,
     RAY_MISSING,
     ClusterConfig,
-    poll_wait,
+    SyncSchedule,
     train_cluster,
 )
 from paramserver.models.numpy_models import NumpyMLP, NumpyModel
@@ -137,28 +138,67 @@ def test_missing_ray_names_the_extra():
     assert proc.stderr.strip() == f"paramserver: error: {RAY_MISSING}"
 
 
-def test_the_sync_thread_sleeps_by_the_update_rate():
-    assert poll_wait(20, 1000.0) == pytest.approx(0.01)  # half the 0.02 s of 20 updates at 1000/s
-    assert poll_wait(4, 1000.0) == pytest.approx(0.002)
-    assert poll_wait(1, 1e6) == POLL_SECONDS  # never busier than the floor
-    assert poll_wait(-3, 1000.0) == POLL_SECONDS  # already due (updates made during a sync)
-    assert poll_wait(10, 0.0) == MAX_POLL_SECONDS  # no update yet: the ceiling
-    assert poll_wait(10**6, 10.0) == MAX_POLL_SECONDS
-    assert poll_wait(100, 1000.0, until_deadline=0.003) == pytest.approx(0.003)  # sync_seconds
-    assert poll_wait(100, 1000.0, until_deadline=-1.0) == POLL_SECONDS
+def simulate_syncs(step_seconds: float, every: int, seconds: float = 0.0, steps: int = 400):
+    """A sync thread driven by SyncSchedule against a worker that makes one update every
+    ``step_seconds`` (simulated time; a sync takes 3 ms): the version at each sync, and
+    the number of wake-ups."""
+    now, sync_cost = 0.0, 0.003
+    version = lambda t: min(steps, int(t / step_seconds))  # noqa: E731
+    schedule = SyncSchedule(every, seconds, 0, now)
+    sent, wakes, wait = [], 0, POLL_SECONDS
+    while version(now) < steps:
+        now += wait
+        wakes += 1
+        if schedule.due(version(now), now):
+            sent.append(version(now))
+            now += sync_cost
+            schedule.synced(sent[-1], now)
+        wait = schedule.wait(version(now), now)
+    return sent, wakes
 
 
-def test_a_node_syncs_about_every_sync_every_updates(local_ray, digits):
-    # Not more often than every sync_every updates (the thread wakes before the count by
-    # the rate), and not much less often: each sync's count is at most one round trip late.
+@pytest.mark.parametrize("step_ms", [0.05, 0.8, 2.0, 20.0])
+def test_syncs_come_every_sync_every_updates_whatever_the_step_time(step_ms):
+    sent, wakes = simulate_syncs(step_ms / 1000, every=10)
+    assert len(sent) >= 2
+    # Each sync is the first after a new multiple of sync_every: never two within one period.
+    assert all(b // 10 > a // 10 for a, b in itertools.pairwise(sent)), sent
+    if step_ms * 10 > 3:  # a period outlasts a sync: each sync at most one update late (but
+        # the first: until two reads have seen updates the rate is unknown, and it sleeps long)
+        assert all(v % 10 <= 1 for v in sent[1:]), sent
+    # Far fewer wake-ups than one per POLL_SECONDS over the simulated run.
+    run_seconds = 400 * step_ms / 1000
+    assert wakes <= max(50, 0.25 * run_seconds / POLL_SECONDS), wakes
+
+
+def test_an_idle_node_sleeps_long():
+    # No update yet (workers starting): sleep MAX_POLL_SECONDS, even with sync_seconds set
+    # (nothing new to send, so no deadline).
+    schedule = SyncSchedule(10, 0.001, 0, 0.0)
+    assert schedule.wait(0, 5.0) == MAX_POLL_SECONDS
+    assert not schedule.due(0, 5.0)
+    assert schedule.due(1, 5.0)  # an update, and sync_seconds past: due
+    schedule.synced(1, 5.0)
+    assert schedule.wait(1, 5.0005) == MAX_POLL_SECONDS  # nothing new since that sync
+    assert schedule.wait(2, 5.0009) == POLL_SECONDS  # new update, sync_seconds' deadline near
+
+
+def test_sync_seconds_alone_syncs_by_time():
+    sent, _ = simulate_syncs(0.001, every=10**9, seconds=0.05, steps=500)
+    assert 6 <= len(sent) <= 10, sent  # 0.5 s of updates, a sync every 0.05 s (+ 3 ms each)
+
+
+# -- training ------------------------------------------------------------------------
+
+
+def test_a_node_syncs_while_it_trains_and_not_more_often_than_sync_every(local_ray, digits):
+    # The schedule in a real run: syncs during training (not only the final one), and never
+    # more than one per sync_every updates (+1: the final sync).
     cc = ClusterConfig(cluster="local", nodes=1, sync_every=25)
     result = train_cluster(mlp(digits), digits, config(steps=1000, epochs=1000), cc)
     (node,) = result.nodes
     assert node["updates"] == 1000
-    assert 1000 // 25 // 4 <= node["syncs"] <= 1000 // 25 + 1, node
-
-
-# -- training ------------------------------------------------------------------------
+    assert 2 <= node["syncs"] <= 1000 // 25 + 1, node
 
 
 @pytest.mark.parametrize("rule", ["downpour", "easgd"])
