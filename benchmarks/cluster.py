@@ -26,21 +26,40 @@ parameters), so a node making r updates/s with period K needs 8P r / K bytes/s.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from paramserver.data import shard
 from paramserver.machine import usable_cores
 
 from .common import BenchConfig, Report, median
 
-TASKS = {"digits": 0.97, "synthetic": 0.80, "digits-cnn": 0.97}
-"""Each task and the test accuracy whose time is measured."""
-LR = {"digits-cnn": 0.01}
-"""SGD's learning rate where it is not 0.05."""
+
+@dataclass(frozen=True)
+class Task:
+    data: str
+    """``digits`` or the tta suite's ``synthetic``."""
+    backend: str
+    model: str
+    """A name of ``paramserver.models.build_model`` (64 hidden units)."""
+    lr: float
+    target: float
+    """The test accuracy whose time is measured."""
+
+    @property
+    def title(self) -> str:
+        return f"{'NumPy' if self.backend == 'numpy' else self.backend} {self.model.upper()}"
+
+
+TASKS = {
+    "digits": Task("digits", "numpy", "mlp", 0.05, 0.97),
+    "synthetic": Task("synthetic", "numpy", "mlp", 0.05, 0.80),
+    "digits-cnn": Task("digits", "torch", "cnn", 0.01, 0.97),
+}
 BUDGET_SECONDS = 20.0
 EVAL_EVERY = 0.05
 PERIODS = (1, 10, 100)
@@ -49,7 +68,7 @@ GOALS = {"samples_ratio": 0.9, "accuracy_points": 0.5}
 LINKS_GBIT = (1, 10, 100)
 MODEL_SIZES = {"this MLP": 0, "1M": 10**6, "ResNet-50": 25_600_000, "100M": 10**8}
 """Parameter counts for the bandwidth table (0: the benchmark's own model)."""
-ROLES = ("workers", "node agents", "shards", "Ray's processes", "driver", "other")
+ROLES = ("workers", "node agents", "shards", "Ray's processes", "driver")
 """Where the CPU goes, by process (``cpu_shares``)."""
 SAMPLE_SECONDS = 0.25
 
@@ -63,25 +82,21 @@ def _config(seed: int, **kw: Any) -> Any:
 
 
 def task_data(task: str) -> Any:
-    import paramserver as ps
-
     from .tta import task_dataset
 
-    return task_dataset(task, 0) if task == "synthetic" else ps.load_digits()
+    return task_dataset(TASKS[task].data, 0)
 
 
 def task_model(task: str, data: Any) -> Any:
-    """The NumPy MLP (64 hidden), or for ``digits-cnn`` the CLI's torch CNN."""
-    from paramserver.models.numpy_models import NumpyMLP
+    """The task's model, as the CLI builds it (``--backend``, ``--model``)."""
+    from paramserver.models import build_model
 
-    if task != "digits-cnn":
-        return NumpyMLP(data.input_shape[0], data.classes, hidden=64)
-    import torch
+    spec = TASKS[task]
+    if spec.backend == "torch":
+        import torch
 
-    from paramserver.models.torch_models import build
-
-    torch.manual_seed(0)
-    return build("cnn", data.input_shape, data.classes)
+        torch.manual_seed(0)
+    return build_model(spec.backend, spec.model, data.input_shape, data.classes, hidden=64)
 
 
 def measure(contender: str, seed: int, *, seconds: float | None, task: str = "digits") -> dict[str, Any]:
@@ -90,13 +105,13 @@ def measure(contender: str, seed: int, *, seconds: float | None, task: str = "di
     from paramserver.cluster import ClusterConfig, train_cluster
 
     data = task_data(task)
-    target = TASKS[task]
+    target = TASKS[task].target
     model = task_model(task, data)
     budget = (
         {"max_seconds": seconds} if seconds else {"max_seconds": BUDGET_SECONDS, "target_accuracy": target}
     )
     budget["eval_every"] = EVAL_EVERY
-    budget["lr"] = LR.get(task, 0.05)
+    budget["lr"] = TASKS[task].lr
     if contender == "1x2":
         result = ps.train(model, data, _config(seed, workers=2, **budget))
         nodes: list[dict[str, Any]] = []
@@ -108,7 +123,8 @@ def measure(contender: str, seed: int, *, seconds: float | None, task: str = "di
     row: dict[str, Any] = {"task": task, "contender": contender, "seed": seed,
                            "kind": "throughput" if seconds else "tta",
                            "samples_per_s": result.samples_per_second, "accuracy": result.test_accuracy,
-                           "updates": result.updates, "train_seconds": result.train_seconds}  # fmt: skip
+                           "updates": result.updates, "train_seconds": result.train_seconds,
+                           "startup_seconds": result.startup_seconds}  # fmt: skip
     if not seconds:
         reached = [e["t"] for e in result.evaluations if (e.get("test_accuracy") or 0) >= target]
         row["seconds_to_target"] = reached[0] if reached else math.nan
@@ -126,6 +142,7 @@ def measure(contender: str, seed: int, *, seconds: float | None, task: str = "di
 
 
 def _role(pid: int, cmdline: str) -> str:
+    """What a process of this run is (it is the driver or one of its descendants)."""
     if pid == os.getpid():
         return "driver"
     for mark, role in (("ray::_NodeAgent", "node agents"), ("ray::_Shard", "shards")):
@@ -133,22 +150,25 @@ def _role(pid: int, cmdline: str) -> str:
             return role
     if "multiprocessing" in cmdline:  # the workers (a forkserver or tracker sits idle)
         return "workers"
-    return "Ray's processes" if "ray" in cmdline else "other"
+    return "Ray's processes"  # the local instance: GCS, raylet, its agents, idle Ray workers
 
 
 def cpu_shares(contender: str, seed: int, seconds: float) -> dict[str, Any]:
-    """One digits throughput run of ``contender`` while a thread samples every process's CPU
-    time: each role's share of the machine's cores (percent) over the samples in which the
-    workers trained (the first and last such are left out: start-up and shutdown)."""
+    """One digits throughput run of ``contender`` while a thread samples the CPU time of
+    this process and its descendants (the local Ray instance included): each role's share
+    of the machine's cores (percent) between the samples just inside the run's training
+    (its first step to its last), and CPU milliseconds per sync of the node agents and
+    shards over that window."""
     import psutil
 
+    me = psutil.Process()
     samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             now, seen = time.perf_counter(), {}
-            for p in psutil.process_iter():
+            for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
                     t = p.cpu_times()
                     seen[p.pid] = (_role(p.pid, " ".join(p.cmdline())), t.user + t.system)
@@ -156,25 +176,30 @@ def cpu_shares(contender: str, seed: int, seconds: float) -> dict[str, Any]:
             done.wait(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    called = time.perf_counter()
     sampler.start()
     try:
         row = measure(contender, seed, seconds=seconds, task="digits")
     finally:
         done.set()
         sampler.join(timeout=10)
-    spans = []  # (seconds, {role: cpu seconds}) per sampling interval
-    for (t0, a), (t1, b) in itertools.pairwise(samples):
-        used: dict[str, float] = {}
-        for pid, (role, cpu) in b.items():
-            if pid in a:
-                used[role] = used.get(role, 0.0) + cpu - a[pid][1]
-        spans.append((t1 - t0, used))
-    training = [s for s in spans if s[1].get("workers", 0.0) >= 0.3 * s[0]][1:-1]
-    wall = sum(dt for dt, _ in training)
-    cores = len(usable_cores())
-    shares = {role: 100 * sum(u.get(role, 0.0) for _, u in training) / (wall * cores) for role in ROLES}
-    return {"contender": contender, "window_s": wall, "syncs": row.get("syncs", 0),
-            "train_seconds": row["train_seconds"], **shares}  # fmt: skip
+    first = called + row["startup_seconds"]
+    inside = [s for s in samples if first <= s[0] <= first + row["train_seconds"]]
+    out: dict[str, Any] = {"contender": contender, "syncs": row.get("syncs", 0),
+                           "train_seconds": row["train_seconds"], "window_s": 0.0}  # fmt: skip
+    out.update(dict.fromkeys(ROLES, math.nan))
+    if len(inside) < 2:  # too short a run to say
+        return out
+    (t0, a), (t1, b) = inside[0], inside[-1]
+    used = dict.fromkeys(ROLES, 0.0)
+    for pid, (role, cpu) in b.items():
+        used[role] += cpu - a[pid][1] if pid in a else 0.0
+    out["window_s"] = t1 - t0
+    out.update({role: 100 * used[role] / ((t1 - t0) * len(usable_cores())) for role in ROLES})
+    if out["syncs"]:  # the syncs in the window, at the run's average pace
+        syncs = out["syncs"] * (t1 - t0) / row["train_seconds"]
+        out["sync_cpu_ms"] = 1000 * (used["node agents"] + used["shards"]) / syncs
+    return out
 
 
 class _Echo:
@@ -260,11 +285,12 @@ def _task_table(
     met = ratio >= GOALS["samples_ratio"] and gap <= GOALS["accuracy_points"]
     report.note(
         "cluster",
-        f"{task}: {'torch CNN' if task == 'digits-cnn' else 'NumPy MLP (64 hidden)'}, po3, SGD lr "
-        f"{LR.get(task, 0.05)} momentum 0.9, batch 32, 2 cores; samples/s "
-        f"and test accuracy after {seconds:.0f} s of training; medians of {cfg.n_repeats} run(s). Target "
+        f"{task}: {TASKS[task].title} (64 hidden), po3, SGD lr {TASKS[task].lr} momentum 0.9, batch 32, "
+        f"2 cores; samples/s and test accuracy after {seconds:.0f} s of training; medians of "
+        f"{cfg.n_repeats} run(s). Target "
         f"(2 nodes at period 10 >= {GOALS['samples_ratio']}x the samples/s of 1x2, accuracy within "
-        f"{GOALS['accuracy_points']} point): {'met' if met else 'missed'} ({ratio:.2f}x, {gap:+.2f} points; "
+        f"{GOALS['accuracy_points']} point): {'met' if met else 'missed'} ({ratio:.2f}x, accuracy "
+        f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'} 1x2; "
         f"the sum of the nodes' own rates: {steady:.2f}x)",
     )
 
@@ -288,10 +314,11 @@ def run(cfg: BenchConfig, report: Report) -> None:
         cpu_rows = [cpu_shares(c, cfg.seed, seconds) for c in contenders]
         # Ray's own cost per call, with nothing training: the floor of a sync's cost.
         here = ps.Layout.from_arrays(NumpyMLP(64, 10, hidden=64).init(np.random.default_rng(0))).num_params
-        calls = ray_call_cost(-(-here // 2))  # one of 2 shards' slice
+        lo, hi = shard(here, 0, 2)
+        calls = ray_call_cost(hi - lo)  # the first of 2 shards' slice
     rows = report.rows["cluster"]
-    for task, target in TASKS.items():
-        _task_table(report, [r for r in rows if r["task"] == task], task, target, seconds, cfg)
+    for task, spec in TASKS.items():
+        _task_table(report, [r for r in rows if r["task"] == task], task, spec.target, seconds, cfg)
     digits = [r for r in rows if r["task"] == "digits"]
 
     for r in cpu_rows:
@@ -304,12 +331,12 @@ def run(cfg: BenchConfig, report: Report) -> None:
                  [[r["call"], r["wall_us"], r["caller_cpu_us"], r["actor_cpu_us"]]
                   for r in calls])  # fmt: skip
     for r in cpu_rows:
-        if r["syncs"]:
-            per_sync = (r["node agents"] + r["shards"]) / 100 * len(usable_cores()) * r["train_seconds"]
+        if "sync_cpu_ms" in r:
             report.note(
                 "cluster",
-                f"{r['contender']}: node agents and shards used {1000 * per_sync / r['syncs']:.2f} ms of CPU "
-                f"per sync ({r['syncs']} syncs in {r['train_seconds']:.1f} s)",
+                f"{r['contender']}: node agents and shards used {r['sync_cpu_ms']:.2f} ms of CPU per sync "
+                f"({r['syncs']} syncs in {r['train_seconds']:.1f} s; CPU over the {r['window_s']:.1f} s "
+                "sampled inside the training)",
             )
 
     def med(contender: str, kind: str, key: str) -> float:

@@ -33,6 +33,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 THROUGHPUT_TASKS = ("cnn", "mlp", "embedding")
+VERSIONS_TASKS = ("cnn", "mlp")
+"""The tasks of the versions suite (benchmarks/versions.py)."""
 
 
 @dataclass
@@ -68,6 +70,15 @@ class BenchConfig:
             raise ValueError(
                 f"unknown tasks {sorted(unknown_tasks)}; choose among {', '.join(THROUGHPUT_TASKS)}"
             )
+        if "versions" in self.suite_list:
+            if not self.against:
+                raise ValueError(
+                    "the versions suite needs --against DIR, a checkout of the revision to compare"
+                )
+            if self.tasks and set(self.task_list) - set(VERSIONS_TASKS):
+                raise ValueError(
+                    f"the versions suite runs the tasks {', '.join(VERSIONS_TASKS)}; got --tasks {self.tasks}"
+                )
 
     @property
     def task_list(self) -> list[str]:

@@ -24,16 +24,20 @@ import sys
 import tempfile
 from typing import Any
 
-from .common import BenchConfig, Report, median
+import numpy as np
 
-TASKS = ("cnn", "mlp")
+from .common import VERSIONS_TASKS, BenchConfig, Report, median
+from .throughput import task_data, task_sgd
+
 RUN_TIMEOUT = 300.0
 PACKAGES = {"paramserver": "paramserver", "workers": "paramserver/workers",
             "models": "paramserver/models", "benchmarks": "paramserver/benchmarks"}  # fmt: skip
-"""Folder of a checkout -> its place in the installed package (setup.cfg's package_dir)."""
+"""Folder of a checkout -> its place in the installed package (setup.cfg's package_dir);
+the last one is copied where the checkout has it (the measurement does not import it)."""
 
-# One measurement, run by each revision's interpreter: public names only, and the same
-# data and model whatever the revision (digits straight from scikit-learn).
+# One measurement, run by each revision's interpreter: public names only. The data (the
+# throughput suite's, made by this revision) arrives as a .npz file, the SGD settings as
+# arguments; it reports where every paramserver module it imported came from.
 CHILD = """
 import json, sys
 import numpy as np
@@ -43,20 +47,15 @@ from paramserver.models.torch_models import MLP, HogwildNet
 
 def main():
     task, workers, seconds, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-    if task == "cnn":  # MNIST-shaped, as the throughput suite's
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((6400, 1, 28, 28), dtype=np.float32)
-        y = rng.integers(0, 10, len(x)).astype(np.int64)
-    else:
-        from sklearn.datasets import load_digits
-        d = load_digits()
-        x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    batch, lr, momentum, data = int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7]), np.load(sys.argv[8])
     torch.manual_seed(0)
     model = HogwildNet() if task == "cnn" else MLP(64, 10, hidden=64)
-    config = ps.TrainConfig(workers=workers, policy="po3", batch_size=64, lr=0.01, momentum=0.5,
+    config = ps.TrainConfig(workers=workers, policy="po3", batch_size=batch, lr=lr, momentum=momentum,
                             epochs=10**6, max_seconds=seconds, seed=seed, out_dir="", progress=False)
-    result = ps.train(model, (x, y), config)
-    print(json.dumps({"samples_per_s": result.samples_per_second, "file": ps.__file__}))
+    result = ps.train(model, (data["x"], data["y"]), config)
+    files = sorted({m.__file__ for n, m in list(sys.modules.items())
+                    if n.split(".")[0] == "paramserver" and getattr(m, "__file__", None)})
+    print(json.dumps({"samples_per_s": result.samples_per_second, "files": files}))
 
 if __name__ == "__main__":
     main()
@@ -86,8 +85,12 @@ def stage(checkout: str, into: str) -> str:
         raise ValueError(f"--against {checkout!r} is not a paramserver checkout (no paramserver/__init__.py)")
     for folder, place in PACKAGES.items():
         src = os.path.join(checkout, folder)
-        if os.path.isdir(src):
-            shutil.copytree(src, os.path.join(into, place), ignore=shutil.ignore_patterns("__pycache__"))
+        if not os.path.isdir(src):
+            if folder == "benchmarks":
+                continue
+            # This environment's editable install would fill the gap with this checkout's code.
+            raise ValueError(f"--against {checkout!r} has no {folder}/ folder: not a paramserver checkout")
+        shutil.copytree(src, os.path.join(into, place), ignore=shutil.ignore_patterns("__pycache__"))
     return into
 
 
@@ -97,25 +100,27 @@ def measure(path: str | None, task: str, workers: int, seconds: float, seed: int
     env = dict(os.environ)
     if path is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH", "")) if p)
+    x, y, batch = task_data(task, seed)
+    lr, momentum = task_sgd(task)
     with tempfile.TemporaryDirectory() as cwd:  # not the checkout: its paramserver/ would shadow both
+        data = os.path.join(cwd, "data.npz")
+        np.savez(data, x=x, y=y)
+        args = [task, workers, seconds, seed, batch, lr, momentum, data]
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, task, str(workers), str(seconds), str(seed)],
+            [sys.executable, "-c", CHILD, *map(str, args)],
             cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
         )  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"a {task} run with {workers} workers failed:\n{out.stderr[-2000:]}")
     row: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    expected = path if path is not None else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert row.pop("file").startswith(expected), f"the run imported the wrong paramserver ({path=})"
+    root = path if path is not None else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    strays = [f for f in row.pop("files") if not f.startswith(root)]
+    assert not strays, f"a run of {path or 'this revision'} imported modules from elsewhere: {strays}"
     return row
 
 
 def run(cfg: BenchConfig, report: Report) -> None:
-    if not cfg.against:
-        raise ValueError("the versions suite needs --against DIR, a checkout of the revision to compare with")
-    tasks = cfg.task_list if cfg.tasks else list(TASKS)
-    if set(tasks) - set(TASKS):
-        raise ValueError(f"the versions suite runs the tasks {', '.join(TASKS)}; got --tasks {cfg.tasks}")
+    tasks = cfg.task_list if cfg.tasks else list(VERSIONS_TASKS)
     counts = cfg.worker_counts if cfg.workers else [1, 2]
     with tempfile.TemporaryDirectory() as tmp:
         other = stage(os.path.abspath(cfg.against), tmp)
@@ -126,7 +131,7 @@ def run(cfg: BenchConfig, report: Report) -> None:
             for task in tasks:
                 for w in counts:
                     for name, path in order:
-                        row = measure(path, task, w, cfg.seconds, cfg.seed + rep)
+                        row = measure(path, task, w, cfg.run_seconds, cfg.seed + rep)
                         report.add("versions", {"task": task, "workers": w, "revision": name, "repeat": rep,
                                                 **row})  # fmt: skip
     rows = report.rows["versions"]
@@ -144,7 +149,7 @@ def run(cfg: BenchConfig, report: Report) -> None:
     here = commit_of(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     report.note(
         "versions",
-        f"this revision ({here}) against {cfg.against} ({commit_of(cfg.against)}): po3, {cfg.seconds:g} s of "
-        f"training per run, {cfg.n_repeats} interleaved repeats (the order flips each repeat); ratio = "
-        "this / other per repeat",
+        f"this revision ({here}) against {cfg.against} ({commit_of(cfg.against)}): po3, "
+        f"{cfg.run_seconds:g} s of training per run, {cfg.n_repeats} interleaved repeats (the order flips "
+        "each repeat); ratio = this / other per repeat",
     )

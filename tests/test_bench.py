@@ -69,14 +69,19 @@ def test_cluster_suite_measures_every_task_and_where_the_cpu_goes(tmp_path):
     assert all(r["wall_us"] > 0 and r["actor_cpu_us"] > 0 for r in doc["cluster_calls"])
 
 
-def test_versions_suite_needs_a_checkout(tmp_path):
+def test_versions_suite_needs_a_checkout_and_its_own_tasks(tmp_path):
     from paramserver.benchmarks import versions
-    from paramserver.benchmarks.common import Report
 
-    cfg = BenchConfig(suites="versions", out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="needs --against DIR"):
-        versions.run(cfg, Report(str(tmp_path), cfg))
+        BenchConfig(suites="throughput,versions")  # refused before any suite runs
+    with pytest.raises(ValueError, match="runs the tasks cnn, mlp; got --tasks mlp,embedding"):
+        BenchConfig(suites="versions", against=str(tmp_path), tasks="mlp,embedding")
+    BenchConfig(suites="throughput", tasks="embedding")  # the throughput suite has it
     with pytest.raises(ValueError, match="is not a paramserver checkout"):
+        versions.stage(str(tmp_path), str(tmp_path / "staged"))
+    (tmp_path / "paramserver").mkdir()
+    (tmp_path / "paramserver" / "__init__.py").write_text("")
+    with pytest.raises(ValueError, match="has no workers/ folder"):  # else this checkout's would load
         versions.stage(str(tmp_path), str(tmp_path / "staged"))
 
 
