@@ -246,11 +246,14 @@ class _NodePlan:
 class _NodeAgent:
     """Runs one machine's shared-memory server and syncs it with the shards."""
 
-    def __init__(self, plan: _NodePlan, shards: list[Any]):
+    def __init__(self) -> None:
+        # The plan and the shards' handles come with run(), not here: with actor handles
+        # among its constructor's arguments, Ray 2.60 prints at every start that a restart
+        # may fail for want of them (ray#53727). A retried run() gets its arguments again.
         import ray
 
-        self.plan = plan
-        self.shards = shards
+        self.plan: _NodePlan | None = None
+        self.shards: list[Any] = []
         with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated name
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
@@ -272,13 +275,12 @@ class _NodeAgent:
     def stop(self) -> None:
         self._stop.set()
 
-    def _pull(self) -> np.ndarray:
+    def _pull(self, plan: _NodePlan) -> np.ndarray:
         """The global values. A shard that restarted before any node could re-seed it is
         given a few seconds for a training node to do so (its copy is fresher), then
         seeded with the initial values."""
         import ray
 
-        plan = self.plan
         deadline = time.monotonic() + RESEED_WAIT
         while True:
             parts = ray.get([s.get.remote() for s in self.shards])
@@ -290,11 +292,11 @@ class _NodeAgent:
                 parts[i] = ray.get(self.shards[i].get_or_seed.remote(plan.init[lo:hi]))
         return np.concatenate(parts).astype(plan.layout.dtype, copy=False)
 
-    def run(self) -> TrainResult:
+    def run(self, plan: _NodePlan, shards: list[Any]) -> TrainResult:
         """Train this node's share until its budget is spent or the driver says stop."""
         import ray
 
-        plan = self.plan
+        self.plan, self.shards = plan, shards
         if plan.cores is not None:
             # Set before the server starts: its workers inherit the mask, and the server
             # pins worker r to the r-th core of it.
@@ -305,7 +307,7 @@ class _NodeAgent:
             # shards have heard of it).
             done = ray.get(self.shards[0].done_updates.remote(plan.node))
             cfg = dataclasses.replace(cfg, steps=max(1, plan.budget - done))
-        init = self._pull()
+        init = self._pull(plan)
         self.base = init.copy()
         data = ray.get(plan.data)
 
@@ -355,6 +357,7 @@ class _NodeAgent:
             self._stop.set()
 
     def _sync_until(self, server: ParameterServer, done: threading.Event) -> None:
+        assert self.plan is not None, "the sync thread runs inside run()"
         cc = self.plan.cluster
         store = server.store
         schedule = SyncSchedule(cc.sync_every, cc.sync_seconds, store.version(), time.monotonic())
@@ -369,6 +372,7 @@ class _NodeAgent:
         import ray
 
         plan = self.plan
+        assert plan is not None, "syncs run inside run()"
         store = server.store
         params = store.params
         t0 = time.perf_counter()
@@ -547,10 +551,10 @@ def train_cluster(
         shards = [shard_cls.remote(cluster.sync_rule, cluster.elastic_alpha) for _ in range(k)]
         actors += shards
         ray.get([s.seed.remote(init[lo:hi]) for s, (lo, hi) in zip(shards, bounds, strict=True)])
-        agents = _start_agents(ray, spec, layout, init, dataset, config, cluster, bounds, shards)
+        agents = _start_agents(ray, spec, layout, init, dataset, config, cluster, bounds)
         group = agents.group
         actors += agents.actors
-        result = _drive(ray, agents.actors, shards, spec, layout, dataset, config, cluster, callback, started)
+        result = _drive(ray, agents, shards, spec, layout, dataset, config, cluster, callback, started)
     finally:
         for a in actors:
             with contextlib.suppress(Exception):
@@ -569,6 +573,8 @@ def train_cluster(
 @dataclass
 class _Agents:
     actors: list[Any]
+    plans: list[_NodePlan]
+    """What each agent's run() trains."""
     group: Any
     data: list[Any]
     """The nodes' data in the object store: held here for the whole run, so that a
@@ -584,7 +590,6 @@ def _start_agents(
     config: TrainConfig,
     cc: ClusterConfig,
     bounds: list[tuple[int, int]],
-    shards: list[Any],
 ) -> _Agents:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -617,6 +622,7 @@ def _start_agents(
         ]
     agent_cls = ray.remote(_NodeAgent)
     actors = []
+    plans = []
     refs = []
     for i, part in enumerate(_split(dataset, cc.nodes)):
         steps = 0
@@ -628,7 +634,7 @@ def _start_agents(
         )
         cfg = dataclasses.replace(node_config, steps=steps, seed=config.seed + i * w)
         refs.append(ray.put(part))  # once: the agent reads it from the object store
-        plan = _NodePlan(i, spec, layout, refs[-1], cfg, cc, bounds, init, budget, cores[i])
+        plans.append(_NodePlan(i, spec, layout, refs[-1], cfg, cc, bounds, init, budget, cores[i]))
         # max_concurrency: stop(), live() and pid() are answered while run() trains.
         # max_task_retries: run() is retried in the restarted agent, which pulls the
         # global values and trains on.
@@ -639,14 +645,14 @@ def _start_agents(
                 max_task_retries=-1,
                 max_concurrency=4,
                 **options[i],
-            ).remote(plan, shards)
+            ).remote()
         )
-    return _Agents(actors, group, refs)
+    return _Agents(actors, plans, group, refs)
 
 
 def _drive(
     ray: Any,
-    agents: list[Any],
+    launched: _Agents,
     shards: list[Any],
     spec: Any,
     layout: Layout,
@@ -659,7 +665,8 @@ def _drive(
     """Wait for the nodes; stop them on a criterion, Ctrl-C or SIGTERM; gather the result."""
     from paramserver.workers.backends import make_backend
 
-    runs = [a.run.remote() for a in agents]
+    agents = launched.actors
+    runs = [a.run.remote(plan, shards) for a, plan in zip(agents, launched.plans, strict=True)]
     reason: str | None = None
     evaluations: list[dict[str, Any]] = []
     t0: float | None = None
