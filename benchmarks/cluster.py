@@ -10,14 +10,15 @@ updates, K in 1, 10, 100. The tasks: the NumPy MLP (64 hidden) on digits (target
 97% test accuracy), and on the tta suite's larger synthetic task (40,000 samples of
 100 features, 10 classes of a linear teacher; target 80%), SGD lr 0.05; and the
 PyTorch CNN of ``paramserver train --model cnn`` on digits (``digits-cnn``, target
-97%; a step of about 0.8 ms against the MLP's 0.06-0.08 ms), SGD lr 0.01 (at 0.05 the
-sum of two nodes' deltas drove it to chance accuracy); po3, momentum 0.9, batch 32.
+97%; a step of about 0.8 ms against the MLP's 0.06-0.08 ms), SGD lr 0.01 (at 0.05, with
+each node's own momentum, 2 nodes drove it to chance accuracy); po3, momentum 0.9, batch 32.
 Per run: samples/s and test accuracy after a fixed training time; in a second
 run, the seconds from the first step to the target (evaluated every 0.05 s). For
 the cluster runs also the bytes each node sent and received per second and the
 measured seconds per sync. Then, on digits, where the CPU goes: each contender
-once more while every process's CPU time is sampled (workers, node agents, shards,
-Ray's own processes, the driver), as shares of the machine's cores.
+once more while the CPU time of this process and its descendants (workers, node
+agents, shards, Ray's own processes) is sampled during the training, as shares of
+the machine's cores; and Ray's own cost of one actor call.
 
 The bandwidth model: a sync moves 4P bytes up and 4P down (P float32
 parameters), so a node making r updates/s with period K needs 8P r / K bytes/s.
