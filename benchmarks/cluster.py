@@ -154,8 +154,8 @@ def _role(pid: int, cmdline: str) -> str:
     return "Ray's processes"  # the local instance: GCS, raylet, its agents, idle Ray workers
 
 
-def cpu_shares(contender: str, seed: int, seconds: float) -> dict[str, Any]:
-    """One digits throughput run of ``contender`` while a thread samples the CPU time of
+def cpu_shares(contender: str, seed: int, seconds: float, task: str = "digits") -> dict[str, Any]:
+    """One throughput run of ``task`` of ``contender`` while a thread samples the CPU time of
     this process and its descendants (the local Ray instance included): each role's share
     of the machine's cores (percent) between the samples just inside the run's training
     (its first step to its last), and CPU milliseconds per sync of the node agents and
@@ -180,13 +180,13 @@ def cpu_shares(contender: str, seed: int, seconds: float) -> dict[str, Any]:
     called = time.perf_counter()
     sampler.start()
     try:
-        row = measure(contender, seed, seconds=seconds, task="digits")
+        row = measure(contender, seed, seconds=seconds, task=task)
     finally:
         done.set()
         sampler.join(timeout=10)
     first = called + row["startup_seconds"]
     inside = [s for s in samples if first <= s[0] <= first + row["train_seconds"]]
-    out: dict[str, Any] = {"contender": contender, "syncs": row.get("syncs", 0),
+    out: dict[str, Any] = {"task": task, "contender": contender, "syncs": row.get("syncs", 0),
                            "train_seconds": row["train_seconds"], "window_s": 0.0}  # fmt: skip
     out.update(dict.fromkeys(ROLES, math.nan))
     if len(inside) < 2:  # too short a run to say

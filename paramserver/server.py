@@ -118,7 +118,8 @@ class Job(ABC):
         return f"{cfg.policy}-w{cfg.workers}"
 
     def begin(self, server: Server) -> None:
-        """Before the watch: build what the job watches with (an evaluator, logs)."""
+        """Before the watch, with the workers started: set up what the job watches with. What
+        costs CPU (an evaluator) is built in :meth:`prepare`, before they start."""
 
     @abstractmethod
     def poll(self, server: Server, elapsed: float, rows: Counters) -> str | None:
@@ -600,6 +601,13 @@ class SupervisedJob(Job):
             )
         per_epoch = sum(map(self._batches_per_epoch, range(cfg.workers)))
         self.total_updates = cfg.steps or cfg.epochs * per_epoch
+        # Built before any worker starts when the watch needs it: building one imports the
+        # model's framework and sets it up (0.7 s of CPU for torch in a fresh process, a node
+        # agent's case), which, once the workers train, comes out of their cores.
+        self.evaluator: Evaluator | None = self._evaluator(server) if self.evaluating else None
+
+    def _evaluator(self, server: Server) -> Evaluator:
+        return Evaluator(self.spec, self.layout, server.store.params, self.data, self.config.seed)
 
     def task(self, server: Server) -> Any:
         from paramserver.workers.worker import SupervisedTask
@@ -644,7 +652,6 @@ class SupervisedJob(Job):
         return "steps" if self.config.steps else "epochs"
 
     def begin(self, server: Server) -> None:
-        self.evaluator = Evaluator(self.spec, self.layout, server.store.params, self.data, self.config.seed)
         self.last_acc: float | None = None
         self.last_train_acc: float | None = None
         self.last_metric: float | None = None
@@ -669,7 +676,7 @@ class SupervisedJob(Job):
             if cfg.eval_every_updates
             else now - self.last_eval_time >= cfg.eval_every
         )
-        if self.evaluating and due:
+        if self.evaluator is not None and due:
             self.last_eval_time, self.last_eval_updates = now, updates
             record: dict[str, Any] = {"t": round(elapsed, 4), "updates": updates}
             if cfg.target_accuracy is not None:
@@ -706,8 +713,10 @@ class SupervisedJob(Job):
         t_first, t_last = run_span(rows)
         active = [r["loss"] for r in rows if r["steps"] > 0]
         store = server.store
-        accuracy = self.evaluator.accuracy() if self.data.task == "classify" else None
-        score = accuracy if self.metric.name == "accuracy" else self.evaluator.score(self.metric)
+        # Without a watch, the evaluator is built now that the workers are done.
+        evaluator = self.evaluator or self._evaluator(server)
+        accuracy = evaluator.accuracy() if self.data.task == "classify" else None
+        score = accuracy if self.metric.name == "accuracy" else evaluator.score(self.metric)
         result = TrainResult(
             params={k: v.copy() for k, v in self.layout.unflatten(store.params).items()},
             stop_reason=reason,
@@ -725,7 +734,9 @@ class SupervisedJob(Job):
             metric=self.metric.name,
             test_metric=score,
         )
-        del self.evaluator  # its views of the segment must go before the segment closes
+        # Its views of the segment must go before the segment closes.
+        self.evaluator = None
+        del evaluator
         return result
 
     def write(self, server: Server, result: TrainResult) -> None:

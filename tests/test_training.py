@@ -219,6 +219,36 @@ def test_target_accuracy_stops_the_run_early(digits):
     assert result.samples < 1000 * len(digits.x_train)
 
 
+@pytest.mark.parametrize("watched", [True, False])
+def test_the_evaluator_is_never_built_while_the_workers_train(digits, monkeypatch, watched):
+    """Building one imports the model's framework: 0.7 s of CPU for torch in a fresh
+    process (a cluster node agent), which came out of the workers' cores when it was
+    built at the start of the watch. It is built before they start when the run is
+    watched (target_accuracy), after they finish when not."""
+    import time
+
+    from paramserver import server
+
+    built: list[float] = []
+
+    class Timed(server.Evaluator):
+        def __init__(self, *a, **kw):
+            built.append(time.time())
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(server, "Evaluator", Timed)
+    target = {"target_accuracy": 0.999, "eval_every": 0.05} if watched else {}
+    result = ps.train(NumpyMLP(64, 10, 8), digits, config(workers=2, steps=4000, epochs=1000, **target))
+    first = min(w["started"] for w in result.workers)
+    last = max(w["finished"] for w in result.workers)
+    assert len(built) == 1
+    if watched:
+        assert built[0] < first and len(result.evaluations) >= 1
+    else:
+        assert built[0] > last and result.evaluations == []
+    assert result.test_accuracy is not None
+
+
 def test_steps_budget_is_exact_and_results_are_written(digits, tmp_path):
     cfg = config(workers=2, steps=31, epochs=100, out_dir=str(tmp_path))
     result = ps.train(NumpyMLP(64, 10, 8), digits, cfg)
