@@ -6,7 +6,8 @@ Contenders, side by side in one run, each on the same number of cores:
 ``1x2``: ``paramserver.train`` with 2 workers (one machine, one segment);
 ``2x1/K``: ``paramserver.cluster.train_cluster`` with 2 simulated nodes of 1
 worker each (each node its own segment and core), downpour syncs every K local
-updates, K in 1, 10, 100. The tasks: the NumPy MLP (64 hidden) on digits (target
+updates, K in 1, 10, 100, with one shard per node (the default); ``2x1/10/1``: the
+same at period 10 with a single shard (one Ray call per sync instead of two). The tasks: the NumPy MLP (64 hidden) on digits (target
 97% test accuracy), and on the tta suite's larger synthetic task (40,000 samples of
 100 features, 10 classes of a linear teacher; target 80%), SGD lr 0.05; and the
 PyTorch CNN of ``paramserver train --model cnn`` on digits (``digits-cnn``, target
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paramserver.data import shard
+from paramserver.supervise import run_span
 from paramserver.machine import usable_cores
 
 from .common import BenchConfig, Report, median
@@ -64,6 +66,9 @@ TASKS = {
 BUDGET_SECONDS = 20.0
 EVAL_EVERY = 0.05
 PERIODS = (1, 10, 100)
+CONTENDERS = ("1x2", *[f"2x1/{k}" for k in PERIODS], "2x1/10/1")
+"""``2x1/K``: 2 nodes, period K, one shard per node (the default); ``2x1/K/S``: S shards.
+A node makes one Ray call per shard per sync: one shard halves the calls."""
 GOALS = {"samples_ratio": 0.9, "accuracy_points": 0.5}
 """2 nodes at period 10 against 1 node x 2 workers: samples/s ratio, accuracy gap (points)."""
 LINKS_GBIT = (1, 10, 100)
@@ -117,15 +122,19 @@ def measure(contender: str, seed: int, *, seconds: float | None, task: str = "di
         result = ps.train(model, data, _config(seed, workers=2, **budget))
         nodes: list[dict[str, Any]] = []
     else:
-        period = int(contender.split("/")[1])
-        cc = ClusterConfig(cluster="local", nodes=2, sync_every=period)
+        _, period, *shards = contender.split("/")
+        cc = ClusterConfig(
+            cluster="local", nodes=2, sync_every=int(period), shards=int(shards[0]) if shards else 0
+        )
         result = train_cluster(model, data, _config(seed, workers=1, **budget), cc)
         nodes = result.nodes
+        _wait_for_actors_to_exit()
     row: dict[str, Any] = {"task": task, "contender": contender, "seed": seed,
                            "kind": "throughput" if seconds else "tta",
                            "samples_per_s": result.samples_per_second, "accuracy": result.test_accuracy,
                            "updates": result.updates, "train_seconds": result.train_seconds,
-                           "startup_seconds": result.startup_seconds}  # fmt: skip
+                           "startup_seconds": result.startup_seconds,
+                           "span": run_span(result.workers)}  # fmt: skip
     if not seconds:
         reached = [e["t"] for e in result.evaluations if (e.get("test_accuracy") or 0) >= target]
         row["seconds_to_target"] = reached[0] if reached else math.nan
@@ -134,12 +143,30 @@ def measure(contender: str, seed: int, *, seconds: float | None, task: str = "di
     # node has its own start barrier; one machine's workers share one).
     row["node_samples_per_s"] = sum(n["samples_per_second"] for n in nodes) if nodes else row["samples_per_s"]
     if nodes:
+        row["shards"] = result.cluster["shards"] or len(nodes)
         secs = max(result.train_seconds, 1e-9)
         row["bytes_per_s_per_node"] = median([(n["bytes_sent"] + n["bytes_received"]) / secs for n in nodes])
         row["syncs"] = sum(n["syncs"] for n in nodes)
         row["seconds_per_sync"] = sum(n["sync_seconds"] for n in nodes) / max(1, row["syncs"])
         row["staleness_mean"] = median([n["staleness_mean"] for n in nodes])
     return row
+
+
+def _wait_for_actors_to_exit(timeout: float = 10.0) -> None:
+    """Ray kills a run's agents and shards without waiting: their exit overlapped the next
+    contender's run (1.7% of the cores in a 1x2 run after a cluster run, one-off check)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = []
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if _role(p.pid, " ".join(p.cmdline())) in ("node agents", "shards"):
+                    left.append(p)
+        if not left:
+            return
+        psutil.wait_procs(left, timeout=0.1)
 
 
 def _role(pid: int, cmdline: str) -> str:
@@ -164,28 +191,39 @@ def cpu_shares(contender: str, seed: int, seconds: float, task: str = "digits") 
 
     me = psutil.Process()
     samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+    roles: dict[int, str] = {}
+    """Roles that cannot change, once read: a read of a command line can fail or come back
+    empty while a process starts or ends (it is tried again at the next sample), and an
+    idle Ray worker (``ray::IDLE``) may yet become an agent or a shard."""
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            now, seen = time.perf_counter(), {}
+            now, seen = time.time(), {}
             for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
+                    role = roles.get(p.pid)
+                    if role is None:
+                        cmdline = " ".join(p.cmdline())
+                        if not cmdline:
+                            continue
+                        role = _role(p.pid, cmdline)
+                        if role != "Ray's processes":
+                            roles[p.pid] = role
                     t = p.cpu_times()
-                    seen[p.pid] = (_role(p.pid, " ".join(p.cmdline())), t.user + t.system)
+                    seen[p.pid] = (role, t.user + t.system)
             samples.append((now, seen))
             done.wait(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    called = time.perf_counter()
     sampler.start()
     try:
         row = measure(contender, seed, seconds=seconds, task=task)
     finally:
         done.set()
         sampler.join(timeout=10)
-    first = called + row["startup_seconds"]
-    inside = [s for s in samples if first <= s[0] <= first + row["train_seconds"]]
+    first, last = row["span"]  # the workers' first and last steps
+    inside = [s for s in samples if first <= s[0] <= last]
     out: dict[str, Any] = {"task": task, "contender": contender, "syncs": row.get("syncs", 0),
                            "train_seconds": row["train_seconds"], "window_s": 0.0}  # fmt: skip
     out.update(dict.fromkeys(ROLES, math.nan))
@@ -194,7 +232,7 @@ def cpu_shares(contender: str, seed: int, seconds: float, task: str = "digits") 
     (t0, a), (t1, b) = inside[0], inside[-1]
     used = dict.fromkeys(ROLES, 0.0)
     for pid, (role, cpu) in b.items():
-        used[role] += cpu - a[pid][1] if pid in a else 0.0
+        used[role] += cpu - a[pid][1] if pid in a else cpu  # born inside the window: all of it
     out["window_s"] = t1 - t0
     out.update({role: 100 * used[role] / ((t1 - t0) * len(usable_cores())) for role in ROLES})
     if out["syncs"]:  # the syncs in the window, at the run's average pace
@@ -265,7 +303,7 @@ def _task_table(
     def med(contender: str, kind: str, key: str) -> float:
         return _median(rows, contender, kind, key)
 
-    contenders = ["1x2"] + [f"2x1/{k}" for k in PERIODS]
+    contenders = CONTENDERS
     base_sps = med("1x2", "throughput", "samples_per_s")
     # Accuracy after the fixed training time: a run stopped at the target has its nodes'
     # last deltas added after the check, so its final accuracy says little.
@@ -303,7 +341,7 @@ def run(cfg: BenchConfig, report: Report) -> None:
     from paramserver.cluster import local_ray
     from paramserver.models.numpy_models import NumpyMLP
 
-    contenders = ["1x2"] + [f"2x1/{k}" for k in PERIODS]
+    contenders = CONTENDERS
     seconds = 2.0 * cfg.run_seconds
     with local_ray(num_cpus=2):  # one instance for the suite: its start is not a contender's cost
         for rep in range(cfg.n_repeats):
