@@ -7,9 +7,10 @@ Contenders, side by side in one run, each on the same number of cores:
 ``2x1/K``: ``paramserver.cluster.train_cluster`` with 2 simulated nodes of 1
 worker each (each node its own segment and core), downpour syncs every K local
 updates, K in 1, 10, 100, with one shard per node (the default); ``2x1/10/1``: the
-same at period 10 with a single shard (one Ray call per sync instead of two). The tasks: the NumPy MLP (64 hidden) on digits (target
-97% test accuracy), and on the tta suite's larger synthetic task (40,000 samples of
-100 features, 10 classes of a linear teacher; target 80%), SGD lr 0.05; and the
+same at period 10 with a single shard (one Ray call per sync instead of two). The
+tasks: the NumPy MLP (64 hidden) on digits (target 97% test accuracy), and on the tta
+suite's larger synthetic task (40,000 samples of 100 features, 10 classes of a linear
+teacher; target 80%), SGD lr 0.05; and the
 PyTorch CNN of ``paramserver train --model cnn`` on digits (``digits-cnn``, target
 97%; a step of about 0.8 ms against the MLP's 0.06-0.08 ms), SGD lr 0.01 (at 0.05, with
 each node's own momentum, 2 nodes drove it to chance accuracy); po3, momentum 0.9, batch 32.
@@ -36,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from paramserver.data import shard
-from paramserver.supervise import run_span
 from paramserver.machine import usable_cores
+from paramserver.supervise import run_span
 
 from .common import BenchConfig, Report, median
 

@@ -12,6 +12,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .config import RunConfig, TrainConfig, TrainJob
 from .data import CSR, Dataset, load, load_digits, load_npy, load_npz, load_svmlight, make_dataset
 from .layout import Layout
+from .metrics import CollapseWarning
 from .optim import RULES, make_rule
 from .policy import POLICIES, make_policy
 from .rl import RLConfig, RLResult, train_rl  # imports neither torch nor gymnasium
@@ -20,6 +21,7 @@ from .store import Counters, Gradient, ParamStore, Segment, SegmentError, ShmSto
 
 __all__ = [
     "Checkpoint",
+    "CollapseWarning",
     "Counters",
     "Gradient",
     "Job",

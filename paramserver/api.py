@@ -7,6 +7,7 @@ print(result.summary())       # model now holds the trained parameters
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 from .config import TrainConfig
 from .data import Dataset, as_dataset
 from .layout import Layout
+from .metrics import CollapseWarning
 from .server import ParameterServer, TrainResult
 
 
@@ -136,4 +138,6 @@ def train(
     with ParameterServer(spec, layout, init, dataset, config, callback=callback) as server:
         result = server.run()
     result.model = backend.hand_back(model, spec, layout, result.params, dataset)
+    for text in result.warnings:
+        warnings.warn(text, CollapseWarning, stacklevel=2)
     return result

@@ -22,10 +22,12 @@ import errno
 import sys
 import time
 import typing
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from .config import TrainJob
+from .metrics import CollapseWarning
 
 USER_ERRNOS = frozenset({
     errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
@@ -137,7 +139,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(banner, file=sys.stderr, flush=True)
 
     config = dataclasses.replace(job)  # a TrainJob is a TrainConfig
-    result = train(model, dataset, config, callback=None if job.cluster else announce)
+    with warnings.catch_warnings():  # the summary below says it, once
+        warnings.simplefilter("ignore", CollapseWarning)
+        result = train(model, dataset, config, callback=None if job.cluster else announce)
     if not job.cluster:
         announce({})  # a run too short for a progress call
     print(result.summary())

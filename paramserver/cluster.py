@@ -58,8 +58,9 @@ import numpy as np
 
 from .config import ClusterConfig, TrainConfig
 from .config import cluster_address as _address
-from .data import Dataset, shard, take
+from .data import Dataset, num_samples, shard, take
 from .layout import Layout
+from .metrics import COLLAPSED, CollapseWarning, constant_outputs
 from .server import ParameterServer, TrainResult
 from .store import make_private_dir, private_dir_prefix, sweep_stale
 from .supervise import run_span, take_early_signal
@@ -75,6 +76,10 @@ RESEED_WAIT = 5.0
 """Seconds a starting node waits for another node to re-seed a restarted shard."""
 STOP_TIMEOUT = 60.0
 """Seconds the nodes get to stop and report once told to, before they are killed."""
+DOWNPOUR_HINT = (
+    "; with downpour each node keeps its own momentum and the shards add every node's steps "
+    "whole: use easgd, or less momentum"
+)
 
 
 class SyncSchedule:
@@ -567,6 +572,8 @@ def train_cluster(
     _into_model(model, spec, layout, dataset, result)
     if config.out_dir:
         _write_run(result, config, cluster, dataset, spec, layout)
+    for text in result.warnings:
+        warnings.warn(text, CollapseWarning, stacklevel=2)
     return result
 
 
@@ -678,10 +685,11 @@ def _drive(
     def global_values() -> np.ndarray:
         return np.concatenate(ray.get([s.get.remote() for s in shards])).astype(layout.dtype, copy=False)
 
+    def outputs(params: np.ndarray) -> np.ndarray:
+        return make_backend(spec, layout, params).predict(dataset.x_test)
+
     def accuracy(params: np.ndarray) -> float:
-        backend = make_backend(spec, layout, params)
-        logits = backend.predict(dataset.x_test)
-        return float((logits.argmax(axis=1) == dataset.y_test).mean())
+        return float((outputs(params).argmax(axis=1) == dataset.y_test).mean())
 
     with _stop_signals() as heard:
         pending = list(runs)
@@ -714,6 +722,7 @@ def _drive(
         results: list[TrainResult] = ray.get(runs, timeout=STOP_TIMEOUT)
         reports = ray.get([a.report.remote() for a in agents], timeout=STOP_TIMEOUT)
     final = global_values()
+    final_outputs = outputs(final) if num_samples(dataset.x_test) else None
     rows = [row for r in results for row in r.workers]
     t_first, t_last = run_span(rows)
     nodes = []
@@ -725,7 +734,11 @@ def _drive(
     return ClusterResult(
         params={k: v.copy() for k, v in layout.unflatten(final).items()},
         stop_reason=reason or ("steps" if config.steps else "epochs"),
-        test_accuracy=accuracy(final) if dataset.task == "classify" else None,
+        test_accuracy=(
+            float((final_outputs.argmax(axis=1) == dataset.y_test).mean())
+            if dataset.task == "classify" and final_outputs is not None
+            else None
+        ),
         final_loss=float(np.mean(active)) if active else None,
         updates=sum(r.updates for r in results),
         samples=sum(r.samples for r in results),
@@ -737,6 +750,9 @@ def _drive(
         version=sum(r.version for r in results),
         nodes=nodes,
         cluster=dataclasses.asdict(cc),
+        warnings=[COLLAPSED + (DOWNPOUR_HINT if cc.sync_rule == "downpour" else "")]
+        if final_outputs is not None and constant_outputs(final_outputs)
+        else [],
     )
 
 

@@ -21,6 +21,28 @@ def accuracy(outputs: np.ndarray, targets: np.ndarray) -> float:
     return float((outputs.argmax(axis=1) == targets).mean())
 
 
+class CollapseWarning(RuntimeWarning):
+    """A run ended with a model that gives every test sample the same output."""
+
+
+COLLAPSED = (
+    "the model gives every test sample the same output: it has collapsed (finite parameters "
+    "that ignore the input, e.g. every ReLU dead after too large steps); lower the learning "
+    "rate or the momentum"
+)
+
+
+def constant_outputs(outputs: np.ndarray) -> bool:
+    """Whether ``outputs`` (one row per sample) are the same for every sample, to a
+    relative 1e-6: a model that ignores its input (a dead network gives exactly equal
+    rows). Fewer than two samples say nothing."""
+    out = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
+    if len(out) < 2 or not np.isfinite(out).all():
+        return False
+    spread = out.max(axis=0) - out.min(axis=0)
+    return bool((spread <= 1e-6 * np.maximum(1.0, np.abs(out).max(axis=0))).all())
+
+
 def top5(outputs: np.ndarray, targets: np.ndarray) -> float:
     """Fraction of samples whose label is among their 5 largest logits."""
     k = min(5, outputs.shape[1])

@@ -47,7 +47,7 @@ from .config import RunConfig, TrainConfig
 from .data import Dataset, num_samples, shard, share_training_data, take
 from .layout import Layout
 from .machine import machine_info, usable_cores
-from .metrics import Metric, resolve
+from .metrics import COLLAPSED, Metric, resolve
 from .progress import Progress
 from .store import (
     PREFIX,
@@ -486,6 +486,9 @@ class TrainResult:
     """The name of the metric scored on the test split (``target_metric``)."""
     test_metric: float | None = None
     """Its value at the end (None without a test split)."""
+    warnings: list[str] = field(default_factory=list)
+    """What looks wrong with the outcome (a collapsed model), also warned of
+    (:class:`paramserver.metrics.CollapseWarning`) and shown by :meth:`summary`."""
 
     @property
     def staleness(self) -> dict[str, float]:
@@ -515,6 +518,7 @@ class TrainResult:
         out += f"\nstaleness mean {stale['mean']:.2f}, max {stale['max']:.0f}"
         if nonfinite:
             out += f"; {nonfinite} non-finite steps skipped"
+        out += "".join(f"\nwarning: {w}" for w in self.warnings)
         return out + summary_tail(self.restarts, self.run_dir)
 
     def to_dict(self) -> dict[str, Any]:
@@ -536,6 +540,7 @@ class TrainResult:
             "staleness": self.staleness,
             "checkpoint": self.checkpoint,
             "version": self.version,
+            "warnings": self.warnings,
         }
 
 
@@ -715,8 +720,7 @@ class SupervisedJob(Job):
         store = server.store
         # Without a watch, the evaluator is built now that the workers are done.
         evaluator = self.evaluator or self._evaluator(server)
-        accuracy = evaluator.accuracy() if self.data.task == "classify" else None
-        score = accuracy if self.metric.name == "accuracy" else evaluator.score(self.metric)
+        accuracy, score, collapsed = evaluator.final(self.metric)
         result = TrainResult(
             params={k: v.copy() for k, v in self.layout.unflatten(store.params).items()},
             stop_reason=reason,
@@ -733,6 +737,7 @@ class SupervisedJob(Job):
             version=store.version(),
             metric=self.metric.name,
             test_metric=score,
+            warnings=[COLLAPSED] if collapsed else [],
         )
         # Its views of the segment must go before the segment closes.
         self.evaluator = None
@@ -829,10 +834,26 @@ class Evaluator:
         x, y = self._split(split)
         if not num_samples(x):
             return None
-        outputs = self.outputs(x, while_training=while_training)
+        return self._score(metric, self.outputs(x, while_training=while_training), y)
+
+    def _score(self, metric: Metric, outputs: Any, y: Any) -> float:
         if metric.fn is None:  # the backend's own loss
             return self.backend.loss_of(outputs, y)
         return float(metric.fn(outputs, y if isinstance(y, dict) else np.asarray(y)))
+
+    def final(self, metric: Metric) -> tuple[float | None, float | None, bool]:
+        """At the end of a run, from one pass over the test split: the accuracy (for
+        classification), ``metric``'s score and whether the model has collapsed (gives
+        every test sample the same output). Without a test split: None, None, False."""
+        from .metrics import accuracy, constant_outputs
+
+        x, y = self._split("test")
+        if not num_samples(x):
+            return None, None, False
+        outputs = self.outputs(x)
+        acc = accuracy(outputs, np.asarray(y)) if self.data.task == "classify" else None
+        score = acc if metric.name == "accuracy" else self._score(metric, outputs, y)
+        return acc, score, constant_outputs(outputs)
 
 
 # -- figures and files, for every job ----------------------------------------------------------

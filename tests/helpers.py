@@ -143,3 +143,13 @@ def wait_at(barrier, marker: str) -> None:
     """A party of ``barrier`` that says (a file) it is about to wait, then waits there."""
     open(marker, "w").close()
     barrier.wait(600)
+
+
+class DeadReLU(NumpyMLP):
+    """Every hidden unit dead from the start (bias -100): the outputs are the last
+    layer's bias, the same for every input, and no gradient reaches the hidden layer."""
+
+    def init(self, rng):
+        params = super().init(rng)
+        params["b0"][...] = -100.0
+        return params

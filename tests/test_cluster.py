@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import DeadReLU
 
 import paramserver as ps
 from paramserver.cluster import (
@@ -211,6 +212,16 @@ def test_two_nodes_learn_digits(local_ray, digits, rule):
     assert [n["node"] for n in result.nodes] == [0, 1]
     assert all(n["syncs"] >= 1 and n["bytes_sent"] > 0 for n in result.nodes)
     assert result.updates == sum(n["updates"] for n in result.nodes)
+
+
+@pytest.mark.parametrize("rule", ["downpour", "easgd"])
+def test_a_collapsed_model_on_a_cluster_is_warned_of(local_ray, digits, rule):
+    cc = ClusterConfig(cluster="local", nodes=2, sync_every=10, sync_rule=rule)
+    with pytest.warns(ps.CollapseWarning, match="gives every test sample the same output") as heard:
+        result = train_cluster(DeadReLU(64, 10, 16), digits, config(steps=200, epochs=100), cc)
+    assert len(result.warnings) == 1 and "warning: the model gives" in result.summary()
+    assert ("with downpour each node keeps its own momentum" in str(heard[0].message)) == (rule == "downpour")
+    assert result.stop_reason == "steps"
 
 
 def test_one_node_syncing_every_update_equals_one_machine(local_ray, digits):

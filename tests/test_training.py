@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing as mp
+import pathlib
 
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from helpers import ConstantGrad, config, small
+from helpers import ConstantGrad, DeadReLU, config, small
 
 import paramserver as ps
 from paramserver.data import epoch_orders
@@ -247,6 +249,38 @@ def test_the_evaluator_is_never_built_while_the_workers_train(digits, monkeypatc
     else:
         assert built[0] > last and result.evaluations == []
     assert result.test_accuracy is not None
+
+
+def test_a_collapsed_model_is_warned_of(digits, tmp_path):
+    cfg = config(workers=2, steps=200, epochs=100, out_dir=str(tmp_path))
+    with pytest.warns(ps.CollapseWarning, match="gives every test sample the same output"):
+        result = ps.train(DeadReLU(64, 10, 16), digits, cfg)
+    assert result.stop_reason == "steps"  # it ran on: finite parameters, nothing diverged
+    assert result.warnings == [ps.metrics.COLLAPSED]
+    assert "warning: the model gives every test sample the same output" in result.summary()
+    assert result.test_accuracy <= np.bincount(digits.y_test).max() / len(digits.y_test) + 1e-9
+    doc = json.loads((pathlib.Path(result.run_dir) / "results.json").read_text())
+    assert doc["result"]["warnings"] == result.warnings
+
+
+def test_a_model_that_learns_is_not_warned_of(digits, recwarn):
+    result = ps.train(NumpyMLP(64, 10, 16), digits, config(workers=2, steps=200, epochs=100))
+    assert result.warnings == [] and result.test_accuracy > 0.5
+    assert not [w for w in recwarn if issubclass(w.category, ps.CollapseWarning)]
+
+
+def test_constant_outputs_is_exact_about_what_counts_as_the_same():
+    from paramserver.metrics import constant_outputs
+
+    rows = np.tile(np.array([0.5, -2.0, 3.0], np.float32), (7, 1))
+    assert constant_outputs(rows)
+    assert constant_outputs(rows + np.float32(1e-8) * np.arange(7)[:, None])  # rounding
+    rows[3, 1] += 1e-3
+    assert not constant_outputs(rows)
+    assert not constant_outputs(rows[:1])  # one sample says nothing
+    assert not constant_outputs(np.full((4, 2), np.nan))
+    assert constant_outputs(np.full((5,), 2.5))  # one output per sample (regression)
+    assert not constant_outputs(np.arange(5.0))
 
 
 def test_steps_budget_is_exact_and_results_are_written(digits, tmp_path):
