@@ -191,8 +191,9 @@ def cpu_shares(contender: str, seed: int, seconds: float, task: str = "digits") 
     import psutil
 
     me = psutil.Process()
-    samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
-    roles: dict[int, str] = {}
+    Key = tuple[int, float]  # pid and start time: a pid can be reused
+    samples: list[tuple[float, dict[Key, tuple[str, float]]]] = []
+    roles: dict[Key, str] = {}
     """Roles that cannot change, once read: a read of a command line can fail or come back
     empty while a process starts or ends (it is tried again at the next sample), and an
     idle Ray worker (``ray::IDLE``) may yet become an agent or a shard."""
@@ -203,16 +204,17 @@ def cpu_shares(contender: str, seed: int, seconds: float, task: str = "digits") 
             now, seen = time.time(), {}
             for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    role = roles.get(p.pid)
+                    key = (p.pid, p.create_time())
+                    role = roles.get(key)
                     if role is None:
                         cmdline = " ".join(p.cmdline())
                         if not cmdline:
                             continue
                         role = _role(p.pid, cmdline)
                         if role != "Ray's processes":
-                            roles[p.pid] = role
+                            roles[key] = role
                     t = p.cpu_times()
-                    seen[p.pid] = (role, t.user + t.system)
+                    seen[key] = (role, t.user + t.system)
             samples.append((now, seen))
             done.wait(SAMPLE_SECONDS)
 
@@ -232,8 +234,15 @@ def cpu_shares(contender: str, seed: int, seconds: float, task: str = "digits") 
         return out
     (t0, a), (t1, b) = inside[0], inside[-1]
     used = dict.fromkeys(ROLES, 0.0)
-    for pid, (role, cpu) in b.items():
-        used[role] += cpu - a[pid][1] if pid in a else cpu  # born inside the window: all of it
+    for key, (role, cpu) in b.items():
+        if key in a:
+            used[role] += cpu - a[key][1]
+        elif key[1] >= t0:  # started inside the window: all of its CPU
+            used[role] += cpu
+        else:  # missed by the first sample: from the first that saw it
+            used[role] += cpu - next(seen[key][1] for _, seen in inside if key in seen)
+    # A process that ended inside the window is left out (its last CPU reading is not
+    # the end of it): a run's workers, agents and shards outlive its workers' last step.
     out["window_s"] = t1 - t0
     out.update({role: 100 * used[role] / ((t1 - t0) * len(usable_cores())) for role in ROLES})
     if out["syncs"]:  # the syncs in the window, at the run's average pace

@@ -7,7 +7,6 @@ print(result.summary())       # model now holds the trained parameters
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +16,7 @@ import numpy as np
 from .config import TrainConfig
 from .data import Dataset, as_dataset
 from .layout import Layout
-from .metrics import CollapseWarning
-from .server import ParameterServer, TrainResult
+from .server import ParameterServer, TrainResult, warn_of
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,7 +126,7 @@ def train(
     if config.cluster:  # across machines, on Ray: one shared-memory server per node
         from .cluster import train_cluster
 
-        return train_cluster(model, data, config, loss=loss, callback=callback)
+        return train_cluster(model, data, config, loss=loss, callback=callback, _via_train=True)
     dataset = as_dataset(data, config.seed, None if config.task == "auto" else config.task)
     spec, layout, init = model_spec(model, loss, config.seed, dataset)
     backend = backend_class(spec.backend)
@@ -138,6 +136,5 @@ def train(
     with ParameterServer(spec, layout, init, dataset, config, callback=callback) as server:
         result = server.run()
     result.model = backend.hand_back(model, spec, layout, result.params, dataset)
-    for text in result.warnings:
-        warnings.warn(text, CollapseWarning, stacklevel=2)
+    warn_of(result, stacklevel=2)
     return result

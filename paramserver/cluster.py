@@ -58,10 +58,10 @@ import numpy as np
 
 from .config import ClusterConfig, TrainConfig
 from .config import cluster_address as _address
-from .data import Dataset, num_samples, shard, take
+from .data import Dataset, shard, take
 from .layout import Layout
-from .metrics import COLLAPSED, CollapseWarning, constant_outputs
-from .server import ParameterServer, TrainResult
+from .metrics import COLLAPSED, resolve
+from .server import Evaluator, ParameterServer, TrainResult, warn_of
 from .store import make_private_dir, private_dir_prefix, sweep_stale
 from .supervise import run_span, take_early_signal
 
@@ -417,14 +417,18 @@ class _NodeAgent:
 
 
 def _split(data: Dataset, nodes: int) -> list[Dataset]:
-    """Each node's contiguous share of the training split (and the whole test split). A
-    node receives its share by value: mapped files are read, not mapped, on other machines."""
+    """Each node's contiguous share of the training split, and no test split: the driver
+    scores the global values, a node would only score its own copy. A node receives its
+    share by value: mapped files are read, not mapped, on other machines."""
     out = []
+    none = slice(0, 0)
+    x_test = take(data.x_test, none)
+    y_test = None if data.y_test is None else take(data.y_test, none)
     for i in range(nodes):
         lo, hi = shard(len(data), i, nodes)
         y = None if data.y_train is None else data.y_train[lo:hi]
         share = take(data.x_train, slice(lo, hi))
-        out.append(Dataset(share, y, data.x_test, data.y_test, data.classes, data.name, data.task))
+        out.append(Dataset(share, y, x_test, y_test, data.classes, data.name, data.task))
     return out
 
 
@@ -510,6 +514,7 @@ def train_cluster(
     *,
     loss: Callable[..., Any] | None = None,
     callback: Callable[[dict[str, Any]], bool | None] | None = None,
+    _via_train: bool = False,
 ) -> ClusterResult:
     """Train ``model`` on ``data`` across ``cluster.nodes`` machines (or simulated ones).
 
@@ -521,7 +526,9 @@ def train_cluster(
     20 times a second with ``elapsed``, ``test_accuracy`` and the Ray handles of the
     ``agents`` and ``shards``, e.g. for their ``pid``; returning True stops every node).
     ``cluster``: default, the cluster fields of ``config``. ``paramserver.train`` calls
-    this when ``config.cluster`` is set.
+    this when ``config.cluster`` is set (``_via_train``: its warnings then name the
+    caller of ``paramserver.train``). A collapsed model is warned of
+    (:class:`paramserver.CollapseWarning`).
     """
     from .data import as_dataset as _as_dataset
 
@@ -572,8 +579,7 @@ def train_cluster(
     _into_model(model, spec, layout, dataset, result)
     if config.out_dir:
         _write_run(result, config, cluster, dataset, spec, layout)
-    for text in result.warnings:
-        warnings.warn(text, CollapseWarning, stacklevel=2)
+    warn_of(result, stacklevel=3 if _via_train else 2)
     return result
 
 
@@ -685,11 +691,9 @@ def _drive(
     def global_values() -> np.ndarray:
         return np.concatenate(ray.get([s.get.remote() for s in shards])).astype(layout.dtype, copy=False)
 
-    def outputs(params: np.ndarray) -> np.ndarray:
-        return make_backend(spec, layout, params).predict(dataset.x_test)
-
     def accuracy(params: np.ndarray) -> float:
-        return float((outputs(params).argmax(axis=1) == dataset.y_test).mean())
+        logits = make_backend(spec, layout, params).predict(dataset.x_test)
+        return float((logits.argmax(axis=1) == dataset.y_test).mean())
 
     with _stop_signals() as heard:
         pending = list(runs)
@@ -722,7 +726,12 @@ def _drive(
         results: list[TrainResult] = ray.get(runs, timeout=STOP_TIMEOUT)
         reports = ray.get([a.report.remote() for a in agents], timeout=STOP_TIMEOUT)
     final = global_values()
-    final_outputs = outputs(final) if num_samples(dataset.x_test) else None
+    # As one machine scores its run: the accuracy, the metric and whether the model has
+    # collapsed, from one pass over the test split.
+    metric = resolve(config.target_metric, dataset.task, config.target_direction)
+    evaluator = Evaluator(spec, layout, final, dataset, config.seed)
+    test_accuracy, test_metric, collapsed = evaluator.final(metric, launched.plans[0].init)
+    del evaluator
     rows = [row for r in results for row in r.workers]
     t_first, t_last = run_span(rows)
     nodes = []
@@ -734,11 +743,9 @@ def _drive(
     return ClusterResult(
         params={k: v.copy() for k, v in layout.unflatten(final).items()},
         stop_reason=reason or ("steps" if config.steps else "epochs"),
-        test_accuracy=(
-            float((final_outputs.argmax(axis=1) == dataset.y_test).mean())
-            if dataset.task == "classify" and final_outputs is not None
-            else None
-        ),
+        test_accuracy=test_accuracy,
+        metric=metric.name,
+        test_metric=test_metric,
         final_loss=float(np.mean(active)) if active else None,
         updates=sum(r.updates for r in results),
         samples=sum(r.samples for r in results),
@@ -750,9 +757,7 @@ def _drive(
         version=sum(r.version for r in results),
         nodes=nodes,
         cluster=dataclasses.asdict(cc),
-        warnings=[COLLAPSED + (DOWNPOUR_HINT if cc.sync_rule == "downpour" else "")]
-        if final_outputs is not None and constant_outputs(final_outputs)
-        else [],
+        warnings=[COLLAPSED + (DOWNPOUR_HINT if cc.sync_rule == "downpour" else "")] if collapsed else [],
     )
 
 

@@ -117,6 +117,11 @@ class Job(ABC):
         cfg = self.config  # type: ignore[attr-defined]
         return f"{cfg.policy}-w{cfg.workers}"
 
+    def release(self) -> None:
+        """Drop what holds views of the run's segments (an evaluator): called by
+        ``result`` and by the server's ``close``, so that an error on the way does not
+        keep a segment mapped. Safe to call twice."""
+
     def begin(self, server: Server) -> None:
         """Before the watch, with the workers started: set up what the job watches with. What
         costs CPU (an evaluator) is built in :meth:`prepare`, before they start."""
@@ -288,6 +293,7 @@ class Server(Supervisor):
     def close(self) -> None:
         """Stop and join every worker, then unlink the segments and remove the private
         directory. Safe to call twice."""
+        self.job.release()  # its views of the segments go before they close
         super().close()
         # The semaphores are unlinked when their objects are collected: drop ours now.
         self.start_barrier = self.stale_first = None
@@ -518,8 +524,9 @@ class TrainResult:
         out += f"\nstaleness mean {stale['mean']:.2f}, max {stale['max']:.0f}"
         if nonfinite:
             out += f"; {nonfinite} non-finite steps skipped"
+        out += summary_tail(self.restarts, None)  # on the staleness line
         out += "".join(f"\nwarning: {w}" for w in self.warnings)
-        return out + summary_tail(self.restarts, self.run_dir)
+        return out + summary_tail(0, self.run_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -575,6 +582,8 @@ class SupervisedJob(Job):
         if init.shape != (layout.flat_size,) or init.dtype != layout.dtype:
             raise ValueError(f"initial parameters must be a flat {layout.dtype} vector of {layout.flat_size}")
         self.spec, self.layout, self.init, self.data, self.config = spec, layout, init, data, config
+        self.evaluator: Evaluator | None = None
+        """Built in ``prepare`` when the run is watched, in ``result`` otherwise."""
         self.backend = spec.backend
         self.callback = callback
         self.positions = [(0, 0)] * config.workers
@@ -609,7 +618,11 @@ class SupervisedJob(Job):
         # Built before any worker starts when the watch needs it: building one imports the
         # model's framework and sets it up (0.7 s of CPU for torch in a fresh process, a node
         # agent's case), which, once the workers train, comes out of their cores.
-        self.evaluator: Evaluator | None = self._evaluator(server) if self.evaluating else None
+        if self.evaluating:
+            self.evaluator = self._evaluator(server)
+
+    def release(self) -> None:
+        self.evaluator = None
 
     def _evaluator(self, server: Server) -> Evaluator:
         return Evaluator(self.spec, self.layout, server.store.params, self.data, self.config.seed)
@@ -718,9 +731,12 @@ class SupervisedJob(Job):
         t_first, t_last = run_span(rows)
         active = [r["loss"] for r in rows if r["steps"] > 0]
         store = server.store
-        # Without a watch, the evaluator is built now that the workers are done.
-        evaluator = self.evaluator or self._evaluator(server)
-        accuracy, score, collapsed = evaluator.final(self.metric)
+        accuracy = score = None
+        collapsed = False
+        if self.evaluator is not None or num_samples(self.data.x_test):
+            # Without a watch, the evaluator is built now that the workers are done.
+            self.evaluator = self.evaluator or self._evaluator(server)
+            accuracy, score, collapsed = self.evaluator.final(self.metric, self.init)
         result = TrainResult(
             params={k: v.copy() for k, v in self.layout.unflatten(store.params).items()},
             stop_reason=reason,
@@ -739,9 +755,7 @@ class SupervisedJob(Job):
             test_metric=score,
             warnings=[COLLAPSED] if collapsed else [],
         )
-        # Its views of the segment must go before the segment closes.
-        self.evaluator = None
-        del evaluator
+        self.release()
         return result
 
     def write(self, server: Server, result: TrainResult) -> None:
@@ -801,6 +815,7 @@ class Evaluator:
 
         from paramserver.workers.backends import make_backend
 
+        self.spec, self.layout = spec, layout
         self.backend = make_backend(spec, layout, params)
         self.backend.for_evaluation(data)
         self.data = data
@@ -841,10 +856,12 @@ class Evaluator:
             return self.backend.loss_of(outputs, y)
         return float(metric.fn(outputs, y if isinstance(y, dict) else np.asarray(y)))
 
-    def final(self, metric: Metric) -> tuple[float | None, float | None, bool]:
+    def final(self, metric: Metric, init: np.ndarray) -> tuple[float | None, float | None, bool]:
         """At the end of a run, from one pass over the test split: the accuracy (for
-        classification), ``metric``'s score and whether the model has collapsed (gives
-        every test sample the same output). Without a test split: None, None, False."""
+        classification), ``metric``'s score and whether the model has collapsed: it gives
+        every test sample the same output, and with the ``init`` parameters it did not
+        (a model that starts so, zero-initialized and barely trained, or a test split of
+        equal inputs, has not collapsed). Without a test split: None, None, False."""
         from .metrics import accuracy, constant_outputs
 
         x, y = self._split("test")
@@ -853,7 +870,16 @@ class Evaluator:
         outputs = self.outputs(x)
         acc = accuracy(outputs, np.asarray(y)) if self.data.task == "classify" else None
         score = acc if metric.name == "accuracy" else self._score(metric, outputs, y)
-        return acc, score, constant_outputs(outputs)
+        return acc, score, constant_outputs(outputs) and not constant_outputs(self._outputs_with(init, x))
+
+    def _outputs_with(self, params: np.ndarray, x: Any) -> np.ndarray:
+        from paramserver.workers.backends import make_backend
+
+        backend = make_backend(self.spec, self.layout, np.array(params, dtype=self.layout.dtype))
+        backend.for_evaluation(self.data)
+        return np.concatenate(
+            [backend.predict(take(x, slice(i, i + 2048))) for i in range(0, num_samples(x), 2048)]
+        )
 
 
 # -- figures and files, for every job ----------------------------------------------------------
@@ -864,6 +890,17 @@ def staleness_of(workers: list[dict[str, float]]) -> dict[str, float]:
     return staleness(
         *(np.array([w.get(k, 0.0) for w in workers]) for k in ("steps", "staleness_sum", "staleness_max"))
     )
+
+
+def warn_of(result: TrainResult, stacklevel: int) -> None:
+    """Warn of what ``result.warnings`` holds, naming the code ``stacklevel`` frames up
+    from the caller (1: the caller itself)."""
+    import warnings
+
+    from .metrics import CollapseWarning
+
+    for text in result.warnings:
+        warnings.warn(text, CollapseWarning, stacklevel=stacklevel + 1)
 
 
 def summary_tail(restarts: int, run_dir: str | None) -> str:

@@ -145,11 +145,11 @@ def wait_at(barrier, marker: str) -> None:
     barrier.wait(600)
 
 
-class DeadReLU(NumpyMLP):
-    """Every hidden unit dead from the start (bias -100): the outputs are the last
-    layer's bias, the same for every input, and no gradient reaches the hidden layer."""
+class DyingReLU(NumpyMLP):
+    """Alive at the start, dead within a few steps: its hidden biases get a gradient of
+    +100 on top of their own, so SGD drives them far below zero; then every hidden unit
+    is dead and the outputs are the last layer's bias, the same for every input."""
 
-    def init(self, rng):
-        params = super().init(rng)
-        params["b0"][...] = -100.0
-        return params
+    def backward(self, params, cache, dlogits, grads):
+        super().backward(params, cache, dlogits, grads)
+        grads["b0"] += 100.0

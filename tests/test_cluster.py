@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import DeadReLU
+from helpers import DyingReLU
 
 import paramserver as ps
 from paramserver.cluster import (
@@ -216,12 +216,38 @@ def test_two_nodes_learn_digits(local_ray, digits, rule):
 
 @pytest.mark.parametrize("rule", ["downpour", "easgd"])
 def test_a_collapsed_model_on_a_cluster_is_warned_of(local_ray, digits, rule):
-    cc = ClusterConfig(cluster="local", nodes=2, sync_every=10, sync_rule=rule)
+    cfg = config(steps=200, epochs=100, cluster="local", nodes=2, sync_every=10, sync_rule=rule)
     with pytest.warns(ps.CollapseWarning, match="gives every test sample the same output") as heard:
-        result = train_cluster(DeadReLU(64, 10, 16), digits, config(steps=200, epochs=100), cc)
+        if rule == "downpour":
+            result = train_cluster(DyingReLU(64, 10, 16), digits, cfg)
+        else:  # the same through paramserver.train
+            result = ps.train(DyingReLU(64, 10, 16), digits, cfg)
     assert len(result.warnings) == 1 and "warning: the model gives" in result.summary()
-    assert ("with downpour each node keeps its own momentum" in str(heard[0].message)) == (rule == "downpour")
+    (said,) = [w for w in heard if issubclass(w.category, ps.CollapseWarning)]
+    assert str(said.message) == result.warnings[0] and said.filename == __file__  # the caller's line
+    assert ("with downpour each node keeps its own momentum" in str(said.message)) == (rule == "downpour")
     assert result.stop_reason == "steps"
+
+
+def test_a_regression_on_a_cluster_is_scored_by_the_driver_alone(local_ray):
+    # Nodes get no test split (they never score it); the driver scores the global values
+    # as one machine does: the test loss for a regression. LinearRegression starts at
+    # zero, the same output for every sample, so its end is judged against its start.
+    from paramserver.models.numpy_models import LinearRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    data = ps.make_dataset(x, x @ np.arange(1.0, 6.0, dtype=np.float32), task="regress")
+    cfg = config(steps=300, epochs=100, lr=0.01, cluster="local", nodes=2, sync_every=10)
+    result = train_cluster(LinearRegression(5), data, cfg)
+    assert result.test_accuracy is None and result.metric == "loss"
+    # The mean squared error of the global values on the test split. (How low it is
+    # depends on the syncs: a node can make its 150 updates before its first sync, and
+    # downpour then adds two whole deltas.)
+    p = result.params
+    mse = np.mean((data.x_test @ p["W"] + p["b"] - data.y_test.reshape(-1, 1)) ** 2)
+    assert result.test_metric == pytest.approx(mse, rel=1e-5)
+    assert result.warnings == []  # constant outputs at the start (zeros), not at the end
 
 
 def test_one_node_syncing_every_update_equals_one_machine(local_ray, digits):

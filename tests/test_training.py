@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from helpers import ConstantGrad, DeadReLU, config, small
+from helpers import ConstantGrad, DyingReLU, config, small
 
 import paramserver as ps
 from paramserver.data import epoch_orders
@@ -232,20 +232,27 @@ def test_the_evaluator_is_never_built_while_the_workers_train(digits, monkeypatc
     from paramserver import server
 
     built: list[float] = []
+    spawned: list[float] = []
 
     class Timed(server.Evaluator):
         def __init__(self, *a, **kw):
             built.append(time.time())
             super().__init__(*a, **kw)
 
+    start_workers = server.Server._start_workers
+
+    def timed_start(self, launch):
+        spawned.append(time.time())
+        return start_workers(self, launch)
+
     monkeypatch.setattr(server, "Evaluator", Timed)
+    monkeypatch.setattr(server.Server, "_start_workers", timed_start)
     target = {"target_accuracy": 0.999, "eval_every": 0.05} if watched else {}
     result = ps.train(NumpyMLP(64, 10, 8), digits, config(workers=2, steps=4000, epochs=1000, **target))
-    first = min(w["started"] for w in result.workers)
     last = max(w["finished"] for w in result.workers)
-    assert len(built) == 1
+    assert len(built) == 1 and len(spawned) == 1
     if watched:
-        assert built[0] < first and len(result.evaluations) >= 1
+        assert built[0] < spawned[0] and len(result.evaluations) >= 1
     else:
         assert built[0] > last and result.evaluations == []
     assert result.test_accuracy is not None
@@ -253,8 +260,9 @@ def test_the_evaluator_is_never_built_while_the_workers_train(digits, monkeypatc
 
 def test_a_collapsed_model_is_warned_of(digits, tmp_path):
     cfg = config(workers=2, steps=200, epochs=100, out_dir=str(tmp_path))
-    with pytest.warns(ps.CollapseWarning, match="gives every test sample the same output"):
-        result = ps.train(DeadReLU(64, 10, 16), digits, cfg)
+    with pytest.warns(ps.CollapseWarning, match="gives every test sample the same output") as heard:
+        result = ps.train(DyingReLU(64, 10, 16), digits, cfg)
+    assert [w.filename for w in heard if issubclass(w.category, ps.CollapseWarning)] == [__file__]
     assert result.stop_reason == "steps"  # it ran on: finite parameters, nothing diverged
     assert result.warnings == [ps.metrics.COLLAPSED]
     assert "warning: the model gives every test sample the same output" in result.summary()
@@ -269,13 +277,35 @@ def test_a_model_that_learns_is_not_warned_of(digits, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, ps.CollapseWarning)]
 
 
+def test_collapse_is_judged_against_the_start(digits):
+    # A model that gives every sample the same output at the end has collapsed only if it
+    # did not at the start: a zero-initialized model stopped before it learned, or a test
+    # split of equal inputs, is not warned of.
+    from paramserver.models.numpy_models import SoftmaxRegression
+    from paramserver.server import Evaluator
+
+    metric = ps.metrics.resolve("auto", "classify")
+    spec, layout, init = ps.model_spec(DyingReLU(64, 10, 16), None, 0, digits)
+    dead = init.copy()
+    layout.views(dead)["b0"][...] = -100.0
+    assert Evaluator(spec, layout, dead, digits).final(metric, init)[2]
+    assert not Evaluator(spec, layout, dead, digits).final(metric, dead)[2]
+    assert not Evaluator(spec, layout, init, digits).final(metric, init)[2]
+    spec, layout, zeros = ps.model_spec(SoftmaxRegression(64, 10), None, 0, digits)
+    assert not zeros.any()
+    assert not Evaluator(spec, layout, zeros, digits).final(metric, zeros)[2]
+    same = ps.Dataset(digits.x_train, digits.y_train, np.repeat(digits.x_test[:1], 5, 0),
+                      digits.y_test[:5], digits.classes)  # fmt: skip
+    spec, layout, init = ps.model_spec(NumpyMLP(64, 10, 16), None, 0, same)
+    assert not Evaluator(spec, layout, init * 2, same).final(metric, init)[2]
+
+
 def test_constant_outputs_is_exact_about_what_counts_as_the_same():
     from paramserver.metrics import constant_outputs
 
     rows = np.tile(np.array([0.5, -2.0, 3.0], np.float32), (7, 1))
     assert constant_outputs(rows)
-    assert constant_outputs(rows + np.float32(1e-8) * np.arange(7)[:, None])  # rounding
-    rows[3, 1] += 1e-3
+    rows[3, 1] = np.nextafter(rows[3, 1], np.float32(1))  # one float apart: not the same
     assert not constant_outputs(rows)
     assert not constant_outputs(rows[:1])  # one sample says nothing
     assert not constant_outputs(np.full((4, 2), np.nan))
