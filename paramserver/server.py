@@ -829,13 +829,15 @@ class Evaluator:
         x, y = (self.data.x_test, self.data.y_test) if split == "test" else self.train_sample
         return x, x if y is None else y  # unsupervised: the inputs are the targets
 
-    def outputs(self, x: Any, *, while_training: bool = False, chunk: int = 2048) -> Any:
-        """The model's outputs for ``x``, in chunks (concatenated)."""
+    def outputs(self, x: Any, *, while_training: bool = False, chunk: int = 2048, backend: Any = None) -> Any:
+        """The model's outputs for ``x``, in chunks (concatenated); ``backend``: another
+        backend of this model than the one on the live parameters."""
+        backend = backend or self.backend
         threads = 1 if while_training else None
         parts = []
         with self.pools.limit(limits=threads):
             for i in range(0, num_samples(x), chunk):
-                parts.append(self.backend.predict(take(x, slice(i, i + chunk)), threads=threads))
+                parts.append(backend.predict(take(x, slice(i, i + chunk)), threads=threads))
         return np.concatenate(parts)
 
     def accuracy(self, *, while_training: bool = False, split: str = "test") -> float:
@@ -877,9 +879,7 @@ class Evaluator:
 
         backend = make_backend(self.spec, self.layout, np.array(params, dtype=self.layout.dtype))
         backend.for_evaluation(self.data)
-        return np.concatenate(
-            [backend.predict(take(x, slice(i, i + 2048))) for i in range(0, num_samples(x), 2048)]
-        )
+        return self.outputs(x, backend=backend)
 
 
 # -- figures and files, for every job ----------------------------------------------------------
