@@ -678,8 +678,6 @@ def _drive(
     started: float,
 ) -> ClusterResult:
     """Wait for the nodes; stop them on a criterion, Ctrl-C or SIGTERM; gather the result."""
-    from paramserver.workers.backends import make_backend
-
     agents = launched.actors
     runs = [a.run.remote(plan, shards) for a, plan in zip(agents, launched.plans, strict=True)]
     reason: str | None = None
@@ -693,9 +691,14 @@ def _drive(
     def global_values() -> np.ndarray:
         return np.concatenate(ray.get([s.get.remote() for s in shards])).astype(layout.dtype, copy=False)
 
-    def accuracy(params: np.ndarray) -> float:
-        logits = make_backend(spec, layout, params).predict(dataset.x_test)
-        return float((logits.argmax(axis=1) == dataset.y_test).mean())
+    # The global values are scored as one machine scores its live parameters: by an
+    # evaluator on a buffer that each evaluation fills (chunked, batch-norm ready).
+    scored = launched.plans[0].init.copy()
+    evaluator = Evaluator(spec, layout, scored, dataset, config.seed)
+
+    def accuracy() -> float:
+        scored[...] = global_values()
+        return evaluator.accuracy(while_training=True)
 
     with _stop_signals() as heard:
         pending = list(runs)
@@ -715,7 +718,7 @@ def _drive(
                 reason = "time"
             if config.target_accuracy is not None and now - last_eval >= config.eval_every:
                 last_eval = now
-                last_acc = accuracy(global_values())
+                last_acc = accuracy()
                 evaluations.append({"t": round(now - t0, 4), "test_accuracy": last_acc})
                 if last_acc >= config.target_accuracy:
                     reason = "target_accuracy"
@@ -731,9 +734,8 @@ def _drive(
     # As one machine scores its run: the accuracy, the metric and whether the model has
     # collapsed, from one pass over the test split.
     metric = resolve(config.target_metric, dataset.task, config.target_direction)
-    evaluator = Evaluator(spec, layout, final, dataset, config.seed)
+    scored[...] = final
     test_accuracy, test_metric, collapsed = evaluator.final(metric, launched.plans[0].init)
-    del evaluator
     rows = [row for r in results for row in r.workers]
     t_first, t_last = run_span(rows)
     nodes = []

@@ -250,6 +250,17 @@ def test_a_regression_on_a_cluster_is_scored_by_the_driver_alone(local_ray):
     assert result.warnings == []  # constant outputs at the start (zeros), not at the end
 
 
+def test_a_target_accuracy_stops_every_node(local_ray, digits):
+    # The driver scores the global values every eval_every seconds, with the evaluator
+    # that scores the final values.
+    cc = ClusterConfig(cluster="local", nodes=2, sync_every=10)
+    result = train_cluster(mlp(digits), digits, config(epochs=1000, target_accuracy=0.9, eval_every=0.05), cc)
+    assert result.stop_reason == "target_accuracy", result.summary()
+    assert result.evaluations and result.evaluations[-1]["test_accuracy"] >= 0.9
+    assert all(e["test_accuracy"] < 0.9 for e in result.evaluations[:-1])
+    assert result.updates < 1000 * len(digits.x_train) // 32
+
+
 def test_one_node_syncing_every_update_equals_one_machine(local_ray, digits):
     # One worker, no momentum, po3: the single-machine run is deterministic, and with one
     # node every sync hands back the node's own values, so nothing changes.
